@@ -1,0 +1,266 @@
+"""The instance side: isolate the process, run the init phase, then serve invocations.
+
+This code runs inside an instance process, either right after a zygote forked it or at
+the start of a `fresh` interpreter. It talks to the gateway over one connected Unix
+socket and handles one request at a time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, NoReturn
+
+from coldbrew.sandbox import protocol
+from coldbrew.sandbox.context import Context
+
+PR_SET_PDEATHSIG = 1
+OUTPUT_LIMIT_BYTES = 64 * 1024
+
+# Thread pools of numerical libraries are sized at import. A zygote must start none,
+# because fork() copies only the calling thread and leaves a pool's locks held.
+SINGLE_THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass
+class InstanceSetup:
+    """Everything an instance needs to know about itself, sent by the gateway."""
+
+    instance_id: str
+    function_name: str
+    function_version: str
+    handler: str
+    code_dir: str
+    memory_mb: int
+    tmpdir: str
+    env: dict[str, str] = field(default_factory=dict)
+    cgroup_procs: str | None = None
+    preload: list[str] = field(default_factory=list)
+    validate_only: bool = False
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "InstanceSetup":
+        return cls(**data)
+
+
+def set_parent_death_signal() -> None:
+    """Ask the kernel to SIGKILL this process when its parent exits (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def isolate(setup: InstanceSetup, expected_parent: int, cap_address_space: bool = True) -> None:
+    """Apply the session, memory cap, environment and temp dir before any user code runs."""
+    set_parent_death_signal()
+    if os.getppid() != expected_parent:
+        os._exit(1)  # the parent died before the death signal was armed
+
+    # The cgroup comes first so that everything below is charged to the instance.
+    if setup.cgroup_procs is not None:
+        with open(setup.cgroup_procs, "w") as procs:
+            procs.write(str(os.getpid()))
+    elif cap_address_space:
+        set_address_space_limit(setup.memory_mb)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+
+    os.environ.clear()
+    os.environ.update(platform_env(setup))
+    os.environ.update(setup.env)
+    tempfile.tempdir = setup.tmpdir  # tempfile caches the directory it saw first
+    os.chdir(setup.code_dir)
+    sys.path.insert(0, setup.code_dir)
+
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+
+def platform_env(setup: InstanceSetup) -> dict[str, str]:
+    """Return the documented variables every instance gets, before the spec's `env`."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        "HOME": setup.tmpdir,
+        "TMPDIR": setup.tmpdir,
+        "PYTHONUNBUFFERED": "1",
+        "COLDBREW_FUNCTION_NAME": setup.function_name,
+        "COLDBREW_FUNCTION_VERSION": setup.function_version,
+        "COLDBREW_INSTANCE_ID": setup.instance_id,
+        "COLDBREW_MEMORY_MB": str(setup.memory_mb),
+        **SINGLE_THREAD_ENV,
+    }
+
+
+def set_address_space_limit(memory_mb: int) -> None:
+    # The address space inherited from the zygote (preloaded modules) is not counted:
+    # the cap is on growth beyond it, like a cgroup that charges shared pages to the zygote.
+    # NOTE: RLIMIT_AS caps virtual memory, so a handler that maps large files without
+    # touching them can hit it below `memory_mb` of resident memory.
+    inherited = _vm_size_bytes()
+    limit = inherited + memory_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _vm_size_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class OutputCapture:
+    """Points fds 1 and 2 at a file in the instance's temp dir, emptied per invocation."""
+
+    def __init__(self, tmpdir: str) -> None:
+        path = os.path.join(tmpdir, ".coldbrew-output")
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        os.unlink(path)
+        os.dup2(self.fd, 1)
+        os.dup2(self.fd, 2)
+
+    def reset(self) -> None:
+        os.ftruncate(self.fd, 0)
+
+    def collect(self) -> str:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        size = os.fstat(self.fd).st_size
+        start = max(0, size - OUTPUT_LIMIT_BYTES)
+        data = os.pread(self.fd, size - start, start)
+        prefix = f"[... {start} earlier bytes dropped]\n" if start else ""
+        return prefix + data.decode("utf-8", "replace")
+
+
+def error_info(error: BaseException, error_type: str) -> dict[str, Any]:
+    return {
+        "type": error_type,
+        "exception_type": type(error).__name__,
+        "message": str(error),
+        "traceback": "".join(traceback.format_exception(error)),
+    }
+
+
+def load_handler(setup: InstanceSetup, cap_after_preload: bool = False) -> Callable[..., Any]:
+    """Import the preload modules (no-ops after a zygote fork), then the handler's module."""
+    for module in setup.preload:
+        importlib.import_module(module)
+    if cap_after_preload:
+        set_address_space_limit(setup.memory_mb)
+    module_name, function_name = setup.handler.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    handler = getattr(module, function_name, None)
+    if handler is None:
+        raise AttributeError(f"module {module_name!r} has no attribute {function_name!r} "
+                             f"(handler {setup.handler!r})")
+    if not callable(handler):
+        raise TypeError(f"handler {setup.handler!r} is a {type(handler).__name__}, not a function")
+    return handler
+
+
+def serve(sock: socket.socket, setup: InstanceSetup, cap_after_preload: bool = False) -> NoReturn:
+    """Run the init phase, report it, then answer invocations until the socket closes."""
+    capture = OutputCapture(setup.tmpdir)
+    started = time.perf_counter()
+    try:
+        handler = load_handler(setup, cap_after_preload)
+    except BaseException as error:  # noqa: BLE001 - any init failure is reported, then exit
+        info = error_info(error, "ImportFailed")
+        info["output"] = capture.collect()
+        protocol.send(sock, {"type": "init_error", "error": info})
+        os._exit(3)
+    init_ms = (time.perf_counter() - started) * 1000
+    protocol.send(sock, {"type": "ready", "pid": os.getpid(), "init_ms": init_ms,
+                         "output": capture.collect()})
+    if setup.validate_only:
+        os._exit(0)
+
+    while True:
+        request = protocol.recv(sock)
+        if request is None:
+            os._exit(0)
+        reply, exit_after = _invoke(handler, request, setup, capture)
+        protocol.send(sock, reply)
+        if exit_after:
+            os._exit(4)
+
+
+def _invoke(handler: Callable[..., Any], request: dict[str, Any], setup: InstanceSetup,
+            capture: OutputCapture) -> tuple[dict[str, Any], bool]:
+    context = Context(
+        aws_request_id=request["request_id"],
+        function_name=setup.function_name,
+        function_version=setup.function_version,
+        memory_limit_in_mb=setup.memory_mb,
+        cold_start=request["cold_start"],
+        instance_id=setup.instance_id,
+        deadline_epoch_s=request["deadline"],
+    )
+    capture.reset()
+    started = time.perf_counter()
+    exit_after = False
+    reply: dict[str, Any]
+    try:
+        result = handler(request["event"], context)
+        reply = {"type": "result", "ok": True, "body": _to_json(result)}
+    except MemoryError as error:
+        # Under RLIMIT_AS an allocation over the cap raises here instead of an OOM kill;
+        # the heap may be half-built, so the instance reports and exits.
+        reply = {"type": "result", "ok": False, "error": error_info(error, "OutOfMemory")}
+        exit_after = True
+    except BaseException as error:  # noqa: BLE001 - the handler's error goes to the client
+        reply = {"type": "result", "ok": False, "error": error_info(error, "HandlerError")}
+        exit_after = isinstance(error, (SystemExit, KeyboardInterrupt))
+    reply["exiting"] = exit_after
+    reply["duration_ms"] = (time.perf_counter() - started) * 1000
+    reply["output"] = capture.collect()
+    reply["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return reply, exit_after
+
+
+def _to_json(result: Any) -> str:
+    try:
+        return json.dumps(result)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"the handler's return value is not JSON serializable: {error}") from error
+
+
+def main_fresh() -> NoReturn:
+    """Entry point of a `fresh` instance: a new interpreter given its socket as fd 3."""
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    setup_message = protocol.recv(sock)
+    if setup_message is None:
+        os._exit(1)
+    setup = InstanceSetup.from_json(setup_message["setup"])
+    # Preload modules are imported before the RLIMIT_AS cap, as they are in a zygote.
+    isolate(setup, expected_parent=int(sys.argv[2]), cap_address_space=False)
+    serve(sock, setup, cap_after_preload=setup.cgroup_procs is None)
+
+
+if __name__ == "__main__":
+    main_fresh()
