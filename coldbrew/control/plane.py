@@ -26,7 +26,7 @@ from coldbrew.errors import (
     Timeout,
 )
 from coldbrew.sandbox.backend import Backend, InstanceLost, InvocationTimedOut
-from coldbrew.spec import Deployment
+from coldbrew.spec import Deployment, FunctionSpec
 from coldbrew.store.db import InvocationRecord, StateStore
 
 logger = logging.getLogger("coldbrew.control")
@@ -109,9 +109,8 @@ class ControlPlane:
 
     # Deployments
 
-    async def deploy(self, deployment: Deployment) -> None:
-        """Prepare (zygote, import check) and route to a new version of a function."""
-        spec = deployment.spec
+    def check_budget(self, spec: FunctionSpec) -> None:
+        """Reject a spec whose instances could never fit in the server's memory budget."""
         if spec.memory_mb > self.memory_budget_mb:
             raise InvalidSpec(f"memory_mb={spec.memory_mb} exceeds the server's memory budget of "
                               f"{self.memory_budget_mb} MB", field="memory_mb")
@@ -122,6 +121,10 @@ class ControlPlane:
                 f"{provisioned_mb} MB exceeds the server's memory budget of "
                 f"{self.memory_budget_mb} MB", field="min_instances")
 
+    async def deploy(self, deployment: Deployment) -> None:
+        """Prepare (zygote, import check) and route to a new version of a function."""
+        spec = deployment.spec
+        self.check_budget(spec)
         pool = self.pools.get(spec.name)
         if pool is not None and pool.deployment.version == deployment.version:
             return

@@ -91,6 +91,7 @@ class Gateway:
         if spec.name != name:
             raise InvalidSpec(f"spec name {spec.name!r} does not match the URL's function "
                               f"name {name!r}", field="name")
+        self.plane.check_budget(spec)
         try:
             bundle = base64.b64decode(body["code"], validate=True)
         except (binascii.Error, TypeError, ValueError) as error:

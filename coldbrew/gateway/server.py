@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import psutil
@@ -28,6 +29,10 @@ def configure_logging(level: str) -> None:
     )
 
 
+def _exit_after_shutdown(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 def serve(host: str, port: int, state_dir: str | None, memory_budget_mb: int | None,
           limit_mode: str | None, log_level: str = "info") -> None:
     """Start the gateway and block until SIGINT or SIGTERM; then stop every instance."""
@@ -38,5 +43,9 @@ def serve(host: str, port: int, state_dir: str | None, memory_budget_mb: int | N
         limit_mode=limit_mode or os.environ.get("COLDBREW_LIMIT_MODE") or None,
     )
     app = create_app(config)
+    # uvicorn stops gracefully on these signals, then raises the signal again to the
+    # previous handler; this one turns that into exit status 0 after a clean shutdown.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_after_shutdown)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
                 timeout_graceful_shutdown=10)
