@@ -163,12 +163,21 @@ def cmd_invoke(client: Client, args: argparse.Namespace) -> int:
     return 0 if response.status < 400 else 1
 
 
-def cmd_ls(client: Client, _args: argparse.Namespace) -> int:
-    from rich.console import Console
+def _table(*headers: str) -> Any:
     from rich.table import Table
 
-    table = Table("name", "version", "handler", "memory MB", "timeout s", "min", "max",
-                  "start mode", "instances")
+    table = Table()
+    for header in headers:
+        # Names and ids are what users copy into the next command: never wrap them.
+        table.add_column(header, no_wrap=header in ("name", "id", "handler"))
+    return table
+
+
+def cmd_ls(client: Client, _args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    table = _table("name", "version", "handler", "memory MB", "timeout s", "min", "max",
+                   "start mode", "instances")
     for function in client.list_functions():
         spec = function["spec"]
         states = ", ".join(f"{n} {s}" for s, n in sorted(function["instances"].items())) or "0"
@@ -181,9 +190,8 @@ def cmd_ls(client: Client, _args: argparse.Namespace) -> int:
 
 def cmd_instances(client: Client, args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table("id", "state", "pid", "version", "age s", "served", "RSS MB", "PSS MB")
+    table = _table("id", "state", "pid", "version", "age s", "served", "RSS MB", "PSS MB")
     for row in client.instances(args.name):
         table.add_row(row["id"], row["state"], str(row["pid"]), str(row["version"]),
                       f"{row['age_s']:.1f}", str(row["requests_served"]), str(row["rss_mb"]),
