@@ -88,3 +88,19 @@ def test_instance_environment_is_isolated(start_server, deploy) -> None:
     assert env["TMPDIR"] == env["HOME"]
     assert os.path.isdir(env["TMPDIR"])
     assert env["COLDBREW_INSTANCE_ID"] in env["TMPDIR"]
+
+
+def test_server_kill_takes_instances_down(start_server, deploy) -> None:
+    server = start_server()
+    client = server.client()
+    deploy(client, {"name": "orphans", "handler": "app.handler", "min_instances": 2}, APP)
+    deploy(client, {"name": "fresh-orphan", "handler": "app.handler", "start_mode": "fresh"}, APP)
+    client.invoke("fresh-orphan")
+    wait_until(lambda: len(client.instances("orphans")) == 2, message="2 provisioned instances")
+    descendants = server.descendants()
+
+    server.stop(signal.SIGKILL)
+    # No shutdown code ran: the parent-death signal must take every process down.
+    for process in descendants:
+        wait_until(lambda: not pid_alive(process.pid), timeout_s=5,
+                   message=f"pid {process.pid} to exit after the server was killed")
