@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("name")
     source = invoke.add_mutually_exclusive_group()
     source.add_argument("--data", help="event as a JSON string")
-    source.add_argument("--file", type=Path, help="file that holds the JSON event")
+    source.add_argument("--file", type=Path, help="file that contains the JSON event")
 
     commands.add_parser("ls", help="list deployed functions")
     instances = commands.add_parser("instances", help="list a function's instances")

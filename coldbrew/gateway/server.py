@@ -43,8 +43,8 @@ def serve(host: str, port: int, state_dir: str | None, memory_budget_mb: int | N
         limit_mode=limit_mode or os.environ.get("COLDBREW_LIMIT_MODE") or None,
     )
     app = create_app(config)
-    # uvicorn stops gracefully on these signals, then raises the signal again to the
-    # previous handler; this one turns that into exit status 0 after a clean shutdown.
+    # uvicorn stops gracefully on these signals and then raises the signal again to the
+    # previous handler. This handler turns that second delivery into exit status 0.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _exit_after_shutdown)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,

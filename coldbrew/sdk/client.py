@@ -16,7 +16,7 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 class ClientError(Exception):
-    """The gateway answered with an error, or could not be reached."""
+    """The gateway returned an error response, or could not be reached."""
 
     def __init__(self, message: str, status: int | None = None,
                  error: dict[str, Any] | None = None) -> None:

@@ -1,7 +1,7 @@
 """SQLite state: deployed functions, their versions, and one row per invocation.
 
 Invocation rows are buffered in memory and written in batches (`flush`), so that the
-request path never waits for a disk write; reads flush first, so they see every row.
+request path never waits for a disk write. Reads flush first, so they see every row.
 """
 
 from __future__ import annotations
