@@ -104,3 +104,22 @@ def test_server_kill_takes_instances_down(start_server, deploy) -> None:
     for process in descendants:
         wait_until(lambda: not pid_alive(process.pid), timeout_s=5,
                    message=f"pid {process.pid} to exit after the server was killed")
+
+
+def test_dead_zygote_is_restarted(start_server, deploy) -> None:
+    server = start_server()
+    client = server.client()
+    deploy(client, {"name": "phoenix", "handler": "app.handler", "preload": ["decimal"]}, APP)
+    instance_pid = client.invoke("phoenix").body["pid"]
+    # Forked instances share the zygote's command line; the zygote is the server's child.
+    zygotes = [p for p in server.descendants() if p.ppid() == server.process.pid
+               and "coldbrew.sandbox.zygote" in " ".join(p.cmdline())]
+    assert len(zygotes) == 1
+
+    zygotes[0].kill()
+    wait_until(lambda: not pid_alive(instance_pid), message="the zygote's instance to die with it")
+    wait_until(lambda: client.instances("phoenix") == [], message="the dead instance to be dropped")
+    response = client.invoke("phoenix")
+    assert response.status == 200
+    assert response.cold_start is True
+    assert "exited; starting a new one" in server.log()

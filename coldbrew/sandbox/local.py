@@ -306,11 +306,14 @@ class LocalBackend(Backend):
             zygote = self.zygotes.get(key)
             if zygote is not None and zygote.alive:
                 return zygote
+            users = 0
             if zygote is not None:
                 logger.warning("zygote pid=%d preload=%s exited; starting a new one",
                                zygote.pid, list(key))
                 await zygote.stop()
+                users = zygote.users
             zygote = ZygoteHandle(key)
+            zygote.users = users
             try:
                 await zygote.start()
             except ZygoteFailed as error:
