@@ -62,18 +62,27 @@ def test_shutdown_leaves_no_child_process(start_server, deploy, sig: int) -> Non
     assert "gateway stopped" in server.log()
 
 
-def test_shutdown_kills_escaped_grandchild(start_server, deploy) -> None:
-    server = start_server()
+@pytest.mark.parametrize("limit_mode", ["auto", "rlimit"])
+def test_shutdown_kills_escaped_grandchild(start_server, deploy, limit_mode: str) -> None:
+    server = start_server(*(() if limit_mode == "auto" else ("--limit-mode", "rlimit")))
     client = server.client()
     deploy(client, {"name": "spawner", "handler": "app.handler"}, APP)
     body = client.invoke("spawner", {"spawn": True}).body
     assert pid_alive(body["child"])
     server.stop()
-    limit_mode = "cgroup" if "memory caps use cgroup" in server.log() else "rlimit"
-    if limit_mode == "rlimit":
-        pytest.skip("without a cgroup a process that left the instance's session is not tracked")
     wait_until(lambda: not pid_alive(body["child"]), timeout_s=5,
-               message="the grandchild to be killed with its instance's cgroup")
+               message="the grandchild to be killed at shutdown")
+
+
+@pytest.mark.parametrize("limit_mode", ["auto", "rlimit"])
+def test_stopped_instance_takes_grandchild(start_server, deploy, limit_mode: str) -> None:
+    server = start_server(*(() if limit_mode == "auto" else ("--limit-mode", "rlimit")))
+    client = server.client()
+    deploy(client, {"name": "spawner", "handler": "app.handler", "keep_alive_s": 0.3}, APP)
+    body = client.invoke("spawner", {"spawn": True}).body
+    wait_until(lambda: client.instances("spawner") == [], message="scale to zero")
+    wait_until(lambda: not pid_alive(body["child"]), timeout_s=5,
+               message="the abandoned grandchild to be killed when its instance stopped")
 
 
 def test_instance_environment_is_isolated(start_server, deploy) -> None:

@@ -395,6 +395,8 @@ class LocalBackend(Backend):
 
     async def _start_fresh(self, setup: InstanceSetup, fd: int,
                            ours: socket.socket) -> tuple[int, asyncio.Future[ExitStatus]]:
+        # NOTE: without a cgroup, a process that a fresh instance detaches into a new
+        # session outlives it, because only zygotes act as subreapers for their instances.
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "coldbrew.sandbox.runtime", str(fd), str(os.getpid()),
             pass_fds=[fd], stdin=subprocess.DEVNULL, start_new_session=True,

@@ -16,6 +16,8 @@ Control messages (frames of `coldbrew.sandbox.protocol`):
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import importlib
 import os
@@ -27,6 +29,8 @@ import time
 from typing import NoReturn
 
 from coldbrew.sandbox import protocol
+
+PR_SET_CHILD_SUBREAPER = 36
 from coldbrew.sandbox.runtime import InstanceSetup, error_info, isolate, serve, set_parent_death_signal
 
 
@@ -129,21 +133,35 @@ class Zygote:
             os._exit(70)
 
     def _reap(self) -> None:
-        while self.children:
+        instance_exited = False
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                self.children.clear()
-                return
+                break
             if pid == 0:
-                return
+                break
+            if pid not in self.children:
+                continue  # an adopted orphan (see _kill_adopted)
             self.children.discard(pid)
+            instance_exited = True
             try:
                 protocol.send(self.control, exit_status_message(pid, status))
             except OSError:
                 self.stopping = True
+        if instance_exited:
+            self._kill_adopted()
+
+    def _kill_adopted(self) -> None:
+        """SIGKILL processes an instance left behind, which the kernel re-parented to us."""
+        for pid in _child_pids() - self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def _shutdown(self) -> NoReturn:
+        for pid in _child_pids() - self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for pid in list(self.children):
             try:
                 os.killpg(pid, signal.SIGKILL)
@@ -159,6 +177,22 @@ class Zygote:
         os._exit(0)
 
 
+def _set_child_subreaper() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _child_pids() -> set[int]:
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as children:
+            return {int(pid) for pid in children.read().split()}
+    except OSError:
+        return set()
+
+
 def _native_thread_count() -> int:
     try:
         return len(os.listdir("/proc/self/task"))
@@ -168,6 +202,9 @@ def _native_thread_count() -> int:
 
 def main() -> NoReturn:
     set_parent_death_signal()
+    # Processes that an instance starts and abandons (a daemon, a detached subprocess) are
+    # re-parented to the zygote rather than to init, so that the zygote can kill them.
+    _set_child_subreaper()
     control = socket.socket(fileno=int(sys.argv[1]))
     modules = [m for m in sys.argv[2].split(",") if m] if len(sys.argv) > 2 else []
     zygote = Zygote(control)
