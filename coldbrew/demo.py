@@ -51,6 +51,8 @@ class DemoError(Exception):
 
 @dataclass(frozen=True)
 class Gateway:
+    """A running `coldbrew serve` subprocess."""
+
     url: str
     pid: int
     log_path: Path
@@ -58,7 +60,7 @@ class Gateway:
 
 @dataclass(frozen=True)
 class ModeResult:
-    """Latency samples of one function, all for the same event."""
+    """Responses and memory use of one deployed function, all for the same event."""
 
     start_mode: str
     cold: list[InvokeResponse]
@@ -113,10 +115,10 @@ def _wait_healthy(gateway: Gateway, process: subprocess.Popen[bytes]) -> None:
             if httpx.get(f"{gateway.url}/healthz", timeout=1.0).status_code == 200:
                 return
         except httpx.TransportError:
-            pass  # not listening yet
+            pass  # the gateway is not listening yet
         time.sleep(0.1)
-    raise DemoError(f"the gateway at {gateway.url} did not answer GET /healthz within "
-                    f"{HEALTH_TIMEOUT_S:.0f} s; see {gateway.log_path}")
+    raise DemoError(f"the gateway at {gateway.url} did not become healthy: GET /healthz "
+                    f"timed out after {HEALTH_TIMEOUT_S:.0f} s; see {gateway.log_path}")
 
 
 def stop_gateway(process: subprocess.Popen[bytes]) -> int:
@@ -199,7 +201,7 @@ def predictions_of(response: InvokeResponse) -> list[int]:
 
 
 def invoke_expecting(client: Client, name: str, event: Any, cold: bool) -> InvokeResponse:
-    """Invoke and check that the request was a cold (or warm) start, as the step needs."""
+    """Invoke the function; raise DemoError unless the start was cold (cold=True) or warm."""
     response = client.invoke(name, event)
     if response.cold_start != cold:
         expected, got = ("cold", "warm") if cold else ("warm", "cold")
@@ -214,8 +216,9 @@ def wait_for_zero_instances(client: Client, name: str) -> None:
     deadline = time.monotonic() + SCALE_TO_ZERO_TIMEOUT_S
     while client.instances(name):
         if time.monotonic() > deadline:
-            raise DemoError(f"function {name!r} still had instances {SCALE_TO_ZERO_TIMEOUT_S:.0f} "
-                            f"s after its last request (keep_alive_s={DEMO_KEEP_ALIVE_S})")
+            raise DemoError(f"timed out after {SCALE_TO_ZERO_TIMEOUT_S:.0f} s waiting for "
+                            f"keep-alive (keep_alive_s={DEMO_KEEP_ALIVE_S}) to stop the "
+                            f"instances of function {name!r}")
         time.sleep(0.1)
 
 
@@ -254,24 +257,20 @@ def _ms(value: float | None) -> str:
 
 
 def latency_table(results: list[ModeResult], images: int) -> Table:
-    table = Table(title=f"digits: {images} held-out images per request, medians",
-                  caption="round trip: measured by the client; init: X-Coldbrew-Init-Ms "
-                          "(handler module import and model load in the instance); "
-                          "duration: X-Coldbrew-Duration-Ms; memory: the warm instance")
-    for header in ("start mode", "request", "round trip ms", "init ms", "duration ms",
-                   "RSS MB", "PSS MB"):
-        table.add_column(header, justify="left" if header in ("start mode", "request")
-                         else "right")
+    table = Table(title=f"digits, {images} held-out images per request (medians)")
+    table.add_column("requests", no_wrap=True)
+    for header in ("round trip ms", "init ms", "duration ms", "RSS MB", "PSS MB"):
+        table.add_column(header, justify="right", no_wrap=True)
     for result in results:
         for kind, responses in (("cold", result.cold), ("warm", result.warm)):
-            memory = kind == "warm"
+            warm = kind == "warm"
             table.add_row(
-                result.start_mode, f"{kind} (x{len(responses)})",
+                f"{result.start_mode}, {kind} x{len(responses)}",
                 _ms(_median([r.latency_ms for r in responses])),
                 _ms(_median([r.init_ms for r in responses])),
                 _ms(_median([r.duration_ms for r in responses])),
-                _ms(result.rss_mb) if memory else "",
-                _ms(result.pss_mb) if memory else "")
+                _ms(result.rss_mb) if warm else "",
+                _ms(result.pss_mb) if warm else "")
     return table
 
 
@@ -302,8 +301,8 @@ def run_demo(console: Console, cold_rounds: int, warm_requests: int) -> None:
                 name = spec["name"] if start_mode == "zygote" else spec["name"] + FRESH_SUFFIX
                 deployed = client.deploy({**spec, "name": name, "start_mode": start_mode,
                                           "keep_alive_s": DEMO_KEEP_ALIVE_S}, DIGITS_APP.parent)
-                console.print(f"deployed {name} version {deployed['version']} "
-                              f"(start mode {start_mode}, preload {spec['preload']})")
+                console.print(f"deployed {name} version {deployed['version']}, start mode "
+                              f"{start_mode}, preload: {', '.join(spec['preload'])}")
                 results.append(measure_function(client, name, start_mode, event, cold_rounds,
                                                 warm_requests))
 
@@ -315,6 +314,9 @@ def run_demo(console: Console, cold_rounds: int, warm_requests: int) -> None:
             raise DemoError("the zygote and fresh instances returned different predictions "
                             "for the same images")
         console.print(latency_table(results, len(images)))
+        console.print("round trip: measured by the client. init: X-Coldbrew-Init-Ms, the "
+                      "instance's imports that no zygote did for it, plus the model load. "
+                      "duration: X-Coldbrew-Duration-Ms. RSS and PSS: the warm instance.")
         print_comparison(console, zygote, fresh)
     console.print(f"gateway stopped; demo finished in {time.monotonic() - started:.1f} s")
 
@@ -322,12 +324,10 @@ def run_demo(console: Console, cold_rounds: int, warm_requests: int) -> None:
 def print_comparison(console: Console, zygote: ModeResult, fresh: ModeResult) -> None:
     zygote_cold = _median([r.latency_ms for r in zygote.cold])
     fresh_cold = _median([r.latency_ms for r in fresh.cold])
-    warm = _median([r.latency_ms for r in zygote.warm])
-    if zygote_cold is None or fresh_cold is None or warm is None:
+    if zygote_cold is None or fresh_cold is None:
         return
-    console.print(f"cold start, median round trip: zygote {zygote_cold:.1f} ms, fresh "
-                  f"{fresh_cold:.1f} ms ({fresh_cold / zygote_cold:.1f}x slower); "
-                  f"warm: {warm:.1f} ms")
+    console.print(f"median cold start round trip: zygote {zygote_cold:.1f} ms, fresh "
+                  f"{fresh_cold:.1f} ms ({fresh_cold / zygote_cold:.1f} times as long)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"coldbrew demo: {option} must be at least 1, got {value}", file=sys.stderr)
             return 2
     try:
-        run_demo(Console(), args.cold_rounds, args.warm_requests)
+        run_demo(Console(soft_wrap=True), args.cold_rounds, args.warm_requests)
     except (DemoError, ClientError, OSError) as error:
         print(f"coldbrew demo failed: {error}", file=sys.stderr)
         return 1

@@ -26,7 +26,8 @@ CV_FOLDS = 5
 
 def choose_neighbors(images: np.ndarray, labels: np.ndarray) -> int:
     """Pick k by cross-validation on the training rows only, so the held-out rows stay unseen."""
-    folds = KFold(n_splits=CV_FOLDS)  # no shuffle: the choice is the same on every run
+    # Without shuffling, the folds, and so the chosen k, are the same on every run.
+    folds = KFold(n_splits=CV_FOLDS)
     scores = {k: cross_val_score(KNeighborsClassifier(n_neighbors=k), images, labels,
                                  cv=folds).mean()
               for k in CANDIDATE_NEIGHBORS}
