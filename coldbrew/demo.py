@@ -110,7 +110,7 @@ def _wait_healthy(gateway: Gateway, process: subprocess.Popen[bytes]) -> None:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise DemoError(f"the gateway exited with code {process.returncode} before it "
-                            f"became healthy; last log line: {_last_log_line(gateway.log_path)}")
+                            f"became healthy: {_last_error_line(gateway.log_path)}")
         try:
             if httpx.get(f"{gateway.url}/healthz", timeout=1.0).status_code == 200:
                 return
@@ -135,9 +135,14 @@ def stop_gateway(process: subprocess.Popen[bytes]) -> int:
     return process.returncode
 
 
-def _last_log_line(path: Path) -> str:
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "(the log is empty)"
+def _last_error_line(path: Path) -> str:
+    """Return the log's last line that mentions an error, or its last line if none does."""
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines()
+             if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    if errors:
+        return errors[-1]
+    return lines[-1] if lines else "(the log is empty)"
 
 
 # Examples

@@ -24,6 +24,9 @@ MAX_PIXEL_VALUE = 16
 
 def load_model(path: Path) -> KNeighborsClassifier:
     """Fit a KNeighborsClassifier on the training images in a model.npz written by train.py."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} not found; create it with "
+                                "python examples/digits/train.py")
     # allow_pickle=False: the file may contain plain arrays only, never pickled objects.
     with np.load(path, allow_pickle=False) as stored:
         classifier = KNeighborsClassifier(n_neighbors=int(stored["n_neighbors"]))
