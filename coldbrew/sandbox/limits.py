@@ -115,11 +115,20 @@ class LimitManager:
         logger.info("memory caps use RLIMIT_AS: no writable cgroup memory controller found")
         return cls(RLIMIT, None)
 
-    def create(self, instance_id: str, memory_mb: int) -> InstanceLimit:
+    def create(self, name: str, memory_mb: int | None) -> InstanceLimit:
+        """Create a cap; with memory_mb None, a cgroup without a limit yet (for a standby)."""
         if self.root is None:
-            return InstanceLimit(RLIMIT, memory_mb)
-        cgroup_dir = f"{self.root}/{instance_id}"
+            return InstanceLimit(RLIMIT, memory_mb or 0)
+        cgroup_dir = f"{self.root}/{name}"
         os.mkdir(cgroup_dir)
+        limit = InstanceLimit(self.mode, 0, cgroup_dir)
+        return limit if memory_mb is None else self.apply(limit, memory_mb)
+
+    def apply(self, limit: InstanceLimit, memory_mb: int) -> InstanceLimit:
+        """Set the memory cap of an existing cap's cgroup; return the updated cap."""
+        if limit.cgroup_dir is None:
+            return InstanceLimit(RLIMIT, memory_mb)
+        cgroup_dir = limit.cgroup_dir
         limit_bytes = str(memory_mb * 2**20)
         if self.mode == CGROUP_V2:
             Path(cgroup_dir, "memory.max").write_text(limit_bytes)

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -28,7 +29,7 @@ from coldbrew.sandbox.backend import (
     InstanceProcess,
     InvocationTimedOut,
 )
-from coldbrew.sandbox.limits import InstanceLimit, LimitManager
+from coldbrew.sandbox.limits import RLIMIT, InstanceLimit, LimitManager
 from coldbrew.sandbox.runtime import SINGLE_THREAD_ENV, InstanceSetup
 from coldbrew.spec import Deployment
 
@@ -43,11 +44,24 @@ class ZygoteFailed(Exception):
     pass
 
 
+@dataclass
+class Standby:
+    """A child the zygote forked ahead of time; it waits for an instance setup."""
+
+    standby_id: str
+    pid: int
+    limit: InstanceLimit
+    exited: asyncio.Future[ExitStatus]
+
+
 class ZygoteHandle:
     """The gateway's end of one zygote process and its control socket."""
 
-    def __init__(self, preload: tuple[str, ...]) -> None:
+    def __init__(self, preload: tuple[str, ...], limits: LimitManager) -> None:
         self.preload = preload
+        self.limits = limits
+        self.standby: Standby | None = None
+        self._prefork_task: asyncio.Task[None] | None = None
         self.pid = 0
         self.process: asyncio.subprocess.Process | None = None
         self.users = 0
@@ -89,20 +103,63 @@ class ZygoteHandle:
         self._read_task = asyncio.create_task(self._read_loop())
         logger.info("zygote pid=%d started, preload=%s in %.0f ms", self.pid,
                     list(self.preload), message["preload_ms"])
+        self.schedule_prefork()
         return message
 
-    async def fork(self, setup: InstanceSetup, instance_fd: int) -> tuple[int, asyncio.Future[ExitStatus]]:
+    async def fork(self, setup: InstanceSetup, instance_fd: int,
+                   standby: Standby | None = None) -> tuple[int, asyncio.Future[ExitStatus]]:
+        """Start an instance from `standby` if given, else from a new fork."""
+        message: dict[str, Any] = {"op": "fork", "setup": setup.__dict__}
+        if standby is None:
+            pid = await self._request(setup.instance_id, message, instance_fd)
+            return pid, self._exits[pid]
+        if not self.alive or self._sender is None:
+            raise ZygoteFailed(f"zygote pid={self.pid} is not running")
+        # The standby's pid is known, so the zygote's acknowledgement is not awaited. If
+        # the handover fails, the zygote closes the socket and the init phase sees EOF.
+        message["standby_id"] = standby.standby_id
+        protocol.send_with_fd(self._sender, message, instance_fd)
+        return standby.pid, standby.exited
+
+    async def _request(self, key: str, message: dict[str, Any], fd: int | None) -> int:
         if not self.alive or self._sender is None:
             raise ZygoteFailed(f"zygote pid={self.pid} is not running")
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._forks[setup.instance_id] = future
-        message = {"op": "fork", "setup": setup.__dict__}
+        self._forks[key] = future
         try:
-            protocol.send_with_fd(self._sender, message, instance_fd)
-            pid = await asyncio.wait_for(future, EXIT_WAIT_S)
+            if fd is None:
+                protocol.send(self._sender, message)
+            else:
+                protocol.send_with_fd(self._sender, message, fd)
+            return await asyncio.wait_for(future, EXIT_WAIT_S)
         finally:
-            self._forks.pop(setup.instance_id, None)
-        return pid, self._exits[pid]
+            self._forks.pop(key, None)
+
+    def take_standby(self) -> Standby | None:
+        standby, self.standby = self.standby, None
+        if standby is not None and standby.exited.done():
+            standby.limit.remove()
+            return None
+        return standby
+
+    def schedule_prefork(self) -> None:
+        if self.standby is not None or not self.alive:
+            return
+        if self._prefork_task is not None and not self._prefork_task.done():
+            return
+        self._prefork_task = asyncio.create_task(self._prefork())
+
+    async def _prefork(self) -> None:
+        standby_id = f"standby-{os.urandom(6).hex()}"
+        limit = self.limits.create(standby_id, None)
+        try:
+            pid = await self._request(standby_id, {"op": "prefork", "standby_id": standby_id,
+                                                   "cgroup_procs": limit.procs_path}, None)
+        except (ZygoteFailed, OSError, TimeoutError) as error:
+            logger.warning("zygote pid=%d could not pre-fork a standby: %s", self.pid, error)
+            limit.remove()
+            return
+        self.standby = Standby(standby_id, pid, limit, self._exits[pid])
 
     async def _read_loop(self) -> None:
         assert self._reader is not None
@@ -118,10 +175,16 @@ class ZygoteHandle:
         op = message.get("op")
         if op == "forked":
             pid = message["pid"]
-            self._exits[pid] = asyncio.get_running_loop().create_future()
+            # A standby handed to an instance is acknowledged with its existing pid.
+            if pid not in self._exits:
+                self._exits[pid] = asyncio.get_running_loop().create_future()
             future = self._forks.get(message["instance_id"])
             if future is not None and not future.done():
                 future.set_result(pid)
+        elif op == "fork_failed":
+            future = self._forks.get(message["instance_id"])
+            if future is not None and not future.done():
+                future.set_exception(ZygoteFailed(message["reason"]))
         elif op == "exited":
             status = ExitStatus(message.get("exit_code"), message.get("signal"))
             exit_future = self._exits.pop(message["pid"], None)
@@ -155,6 +218,11 @@ class ZygoteHandle:
             self._sender.close()
         if self._read_task is not None:
             await asyncio.gather(self._read_task, return_exceptions=True)
+        if self._prefork_task is not None:
+            await asyncio.gather(self._prefork_task, return_exceptions=True)
+        if self.standby is not None:
+            self.standby.limit.remove()
+            self.standby = None
         logger.info("zygote pid=%d stopped, preload=%s", self.pid, list(self.preload))
 
 
@@ -312,7 +380,7 @@ class LocalBackend(Backend):
                                zygote.pid, list(key))
                 await zygote.stop()
                 users = zygote.users
-            zygote = ZygoteHandle(key)
+            zygote = ZygoteHandle(key, self.limits)
             zygote.users = users
             try:
                 await zygote.start()
@@ -360,25 +428,28 @@ class LocalBackend(Backend):
                              validate_only: bool = False) -> LocalInstance:
         assert self.limits is not None, "LocalBackend.start() was not called"
         spec = deployment.spec
-        limit = self.limits.create(instance_id, spec.memory_mb)
         tmpdir = os.path.join(self.run_dir, instance_id)
         os.makedirs(tmpdir, mode=0o700)
         setup = InstanceSetup(
             instance_id=instance_id, function_name=spec.name,
             function_version=str(deployment.version), handler=spec.handler,
             code_dir=deployment.code_dir, memory_mb=spec.memory_mb, tmpdir=tmpdir,
-            env=dict(spec.env), cgroup_procs=limit.procs_path, preload=list(spec.preload),
-            validate_only=validate_only,
+            env=dict(spec.env), cap_address_space=self.limits.mode == RLIMIT,
+            preload=list(spec.preload), validate_only=validate_only,
         )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        limit: InstanceLimit | None = None
         try:
             if spec.start_mode == "zygote":
                 zygote = await self._zygote(spec.preload)
-                pid, exited = await zygote.fork(setup, theirs.fileno())
+                limit, pid, exited = await self._fork(zygote, setup, theirs.fileno())
             else:
+                limit = self.limits.create(instance_id, spec.memory_mb)
+                setup.cgroup_procs = limit.procs_path
                 pid, exited = await self._start_fresh(setup, theirs.fileno(), ours)
         except BaseException:
-            limit.remove()
+            if limit is not None:
+                limit.remove()
             shutil.rmtree(tmpdir, ignore_errors=True)
             ours.close()
             raise
@@ -392,6 +463,26 @@ class LocalBackend(Backend):
         exited.add_done_callback(lambda _f: self._instances.pop(instance_id, None))
         await instance.wait_ready()
         return instance
+
+    async def _fork(self, zygote: ZygoteHandle, setup: InstanceSetup,
+                    fd: int) -> tuple[InstanceLimit, int, asyncio.Future[ExitStatus]]:
+        """Start an instance from the zygote's standby when it has one, else by a new fork."""
+        assert self.limits is not None
+        standby = zygote.take_standby()
+        zygote.schedule_prefork()
+        if standby is not None:
+            limit = self.limits.apply(standby.limit, setup.memory_mb)
+            try:
+                pid, exited = await zygote.fork(setup, fd, standby)
+                return limit, pid, exited
+            except ZygoteFailed as error:
+                logger.warning("standby %s of zygote pid=%d failed (%s); forking instead",
+                               standby.standby_id, zygote.pid, error)
+                limit.remove()
+        limit = self.limits.create(setup.instance_id, setup.memory_mb)
+        setup.cgroup_procs = limit.procs_path
+        pid, exited = await zygote.fork(setup, fd)
+        return limit, pid, exited
 
     async def _start_fresh(self, setup: InstanceSetup, fd: int,
                            ours: socket.socket) -> tuple[int, asyncio.Future[ExitStatus]]:

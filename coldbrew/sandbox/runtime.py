@@ -50,7 +50,10 @@ class InstanceSetup:
     memory_mb: int
     tmpdir: str
     env: dict[str, str] = field(default_factory=dict)
+    # The cgroup to join; None when there is none or a standby process already joined it.
     cgroup_procs: str | None = None
+    # Set RLIMIT_AS to memory_mb on top of the inherited address space (no cgroup available).
+    cap_address_space: bool = False
     preload: list[str] = field(default_factory=list)
     validate_only: bool = False
 
@@ -68,17 +71,19 @@ def set_parent_death_signal() -> None:
         pass
 
 
-def isolate(setup: InstanceSetup, expected_parent: int, cap_address_space: bool = True) -> None:
-    """Apply the session, memory cap, environment and temp dir before any user code runs."""
+def enter_sandbox(expected_parent: int, cgroup_procs: str | None) -> None:
+    """Arm the parent-death signal and join the instance's cgroup, before anything else."""
     set_parent_death_signal()
     if os.getppid() != expected_parent:
         os._exit(1)  # the parent died before the death signal was armed
-
-    # The cgroup comes first so that everything below is charged to the instance.
-    if setup.cgroup_procs is not None:
-        with open(setup.cgroup_procs, "w") as procs:
+    if cgroup_procs is not None:
+        with open(cgroup_procs, "w") as procs:
             procs.write(str(os.getpid()))
-    elif cap_address_space:
+
+
+def isolate(setup: InstanceSetup, cap_now: bool = True) -> None:
+    """Apply the address-space cap, environment and temp dir before any user code runs."""
+    if setup.cap_address_space and cap_now:
         set_address_space_limit(setup.memory_mb)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
@@ -258,8 +263,9 @@ def main_fresh() -> NoReturn:
         os._exit(1)
     setup = InstanceSetup.from_json(setup_message["setup"])
     # Preload modules are imported before the RLIMIT_AS cap, as they are in a zygote.
-    isolate(setup, expected_parent=int(sys.argv[2]), cap_address_space=False)
-    serve(sock, setup, cap_after_preload=setup.cgroup_procs is None)
+    enter_sandbox(int(sys.argv[2]), setup.cgroup_procs)
+    isolate(setup, cap_now=False)
+    serve(sock, setup, cap_after_preload=setup.cap_address_space)
 
 
 if __name__ == "__main__":
