@@ -14,6 +14,9 @@ HANDLER_PATTERN = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*\.[A-Za-z_]\w*$
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 START_MODES = ("zygote", "fresh")
+CONTEXT_POLICIES = ("error", "truncate")
+WEIGHTS_PATTERN = re.compile(r"^([a-z0-9][a-z0-9._-]{0,127}|[a-z0-9]+://\S+/[a-z0-9][a-z0-9._-]{0,127})$")
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 # Bounds that catch typos (a timeout in milliseconds, memory in bytes) rather than
 # describe a machine: the memory budget decides what fits at run time.
@@ -41,6 +44,10 @@ class FunctionSpec:
     preload: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     start_mode: str = "zygote"
+    weights: str | None = None
+    preload_hook: str | None = None
+    model_name: str | None = None
+    context_policy: str = "error"
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -100,7 +107,15 @@ def parse_spec(data: Any) -> FunctionSpec:
         preload=_preload(data.get("preload", [])),
         env=_env(data.get("env", {})),
         start_mode=_start_mode(data.get("start_mode", "zygote")),
+        weights=_optional_string(data, "weights", WEIGHTS_PATTERN,
+                                 "a model name such as 'minilm', or STORE_URI/NAME"),
+        preload_hook=_optional_string(data, "preload_hook", HANDLER_PATTERN,
+                                      "'module.function', for example 'app.load_model'"),
+        model_name=_optional_string(data, "model_name", MODEL_NAME_PATTERN,
+                                    "1-128 letters, digits, '.', '-', '_', ':' or '/'"),
+        context_policy=_choice(data, "context_policy", "error", CONTEXT_POLICIES),
     )
+
     if spec.min_instances > spec.max_instances:
         raise InvalidSpec(
             f"min_instances ({spec.min_instances}) is greater than max_instances "
@@ -177,12 +192,25 @@ def _env(value: Any) -> dict[str, str]:
 
 
 def _start_mode(value: Any) -> str:
-    if value not in START_MODES:
-        raise InvalidSpec(
-            f"spec field 'start_mode' is {value!r}; expected one of {list(START_MODES)}",
-            field="start_mode",
-        )
+    return _choice({"start_mode": value}, "start_mode", "zygote", START_MODES)
+
+
+def _choice(data: dict[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = data.get(key, default)
+    if value not in choices:
+        raise InvalidSpec(f"spec field '{key}' is {value!r}; expected one of {list(choices)}",
+                          field=key)
     return str(value)
+
+
+def _optional_string(data: dict[str, Any], key: str, pattern: re.Pattern[str],
+                     expected: str) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not pattern.match(value):
+        raise InvalidSpec(f"invalid {key} {value!r}: expected {expected}", field=key)
+    return value
 
 
 @dataclass(frozen=True)

@@ -133,3 +133,47 @@ def test_failed_redeploy_keeps_previous_version(shared_server: Server) -> None:
     details = shared_server.client().get_function("stable")
     assert details["version"] == 1
     assert shared_server.client().invoke("stable").body["version"] == 1
+
+
+HOOKED = {"app.py": """
+    import os
+
+    def build_index(weights_path):
+        return {"built_by": os.getpid(), "weights_path": weights_path,
+                "mode": os.environ.get("INDEX_MODE")}
+
+    def handler(event, context):
+        return {"preloaded": context.preloaded, "pid": os.getpid(), "ppid": os.getppid()}
+"""}
+
+
+def test_preload_hook_runs_in_zygote(shared_server: Server) -> None:
+    assert put(shared_server, "hooked", {"handler": "app.handler",
+                                         "preload_hook": "app.build_index",
+                                         "env": {"INDEX_MODE": "fast"}}, HOOKED).status_code == 201
+    body = shared_server.client().invoke("hooked").body
+    assert body["preloaded"]["built_by"] == body["ppid"]  # built once, in the zygote
+    assert body["preloaded"]["mode"] == "fast"
+    assert body["preloaded"]["weights_path"] is None
+
+
+def test_preload_hook_runs_in_fresh_instance(shared_server: Server) -> None:
+    assert put(shared_server, "hooked-fresh", {"handler": "app.handler", "start_mode": "fresh",
+                                               "preload_hook": "app.build_index"},
+               HOOKED).status_code == 201
+    body = shared_server.client().invoke("hooked-fresh").body
+    assert body["preloaded"]["built_by"] == body["pid"]
+
+
+def test_failing_preload_hook_rejected(shared_server: Server) -> None:
+    error = error_of(put(shared_server, "badhook", {"handler": "app.handler",
+                                                    "preload_hook": "app.missing_hook"}, HOOKED))
+    assert error["type"] == "ImportFailed"
+    assert error["field"] == "preload_hook"
+    assert "missing_hook" in error["traceback"]
+
+
+def test_weights_without_store_rejected(shared_server: Server) -> None:
+    error = error_of(put(shared_server, "noweights", {"handler": "app.handler",
+                                                      "weights": "no-such-model"}))
+    assert error["field"] == "weights"

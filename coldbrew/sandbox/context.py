@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -15,6 +16,11 @@ class Context:
     cold_start: bool
     instance_id: str
     deadline_epoch_s: float
+    # Local folder of the function's weights in the node cache, when the spec has `weights`.
+    weights_path: str | None = None
+    # What the spec's preload_hook returned: built in the zygote, or in this instance's
+    # init phase in fresh mode.
+    preloaded: Any = None
 
     @property
     def request_id(self) -> str:

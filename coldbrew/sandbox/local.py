@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -16,11 +17,11 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import psutil
 
-from coldbrew.errors import ImportFailed, InitFailed, OutOfMemory
+from coldbrew.errors import ImportFailed, InitFailed, InvalidSpec, OutOfMemory
 from coldbrew.sandbox import protocol
 from coldbrew.sandbox.backend import (
     Backend,
@@ -36,6 +37,9 @@ from coldbrew.spec import Deployment
 logger = logging.getLogger("coldbrew.sandbox")
 
 INIT_TIMEOUT_S = 120.0
+
+# Maps a spec's `weights` reference to a local folder, pulling it into the node cache.
+WeightsResolver = Callable[[str], Awaitable[str]]
 EXIT_WAIT_S = 5.0
 GRACEFUL_STOP_S = 2.0
 
@@ -57,8 +61,10 @@ class Standby:
 class ZygoteHandle:
     """The gateway's end of one zygote process and its control socket."""
 
-    def __init__(self, preload: tuple[str, ...], limits: LimitManager) -> None:
+    def __init__(self, preload: tuple[str, ...], hook: dict[str, Any] | None,
+                 limits: LimitManager) -> None:
         self.preload = preload
+        self.hook = hook
         self.limits = limits
         self.standby: Standby | None = None
         self._prefork_task: asyncio.Task[None] | None = None
@@ -82,7 +88,7 @@ class ZygoteHandle:
         env = {**os.environ, **SINGLE_THREAD_ENV}
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "coldbrew.sandbox.zygote", str(theirs.fileno()),
-            ",".join(self.preload),
+            json.dumps({"preload": list(self.preload), "hook": self.hook}),
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
         )
         theirs.close()
@@ -95,7 +101,8 @@ class ZygoteHandle:
             await self.process.wait()
             error = (message or {}).get("error", {})
             raise ZygoteFailed(error.get("traceback") or
-                               f"zygote exited with code {self.process.returncode}")
+                               f"zygote exited with code {self.process.returncode}",
+                               error.get("message", ""))
         if message["threads"] > 1:
             logger.warning("zygote pid=%d preload=%s runs %d threads after preload; forks of it "
                            "may deadlock in a library that holds a lock in another thread",
@@ -341,8 +348,10 @@ class LocalInstance(InstanceProcess):
 
 
 class LocalBackend(Backend):
-    def __init__(self, run_dir: str, limit_mode: str | None = None) -> None:
+    def __init__(self, run_dir: str, limit_mode: str | None = None,
+                 resolve_weights: WeightsResolver | None = None) -> None:
         self.run_dir = run_dir
+        self.resolve_weights = resolve_weights
         self.forced_limit_mode = limit_mode
         self.limits: LimitManager | None = None
         self.limit_mode = "unknown"
@@ -368,8 +377,21 @@ class LocalBackend(Backend):
             self.limits.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    async def _zygote(self, preload: tuple[str, ...]) -> ZygoteHandle:
-        key = tuple(sorted(preload))
+    @staticmethod
+    def _zygote_key(deployment: Deployment) -> tuple[str, ...]:
+        # Functions share a zygote per preload set, except those with a preload_hook: that
+        # zygote holds one version's code and weights.
+        preload = tuple(sorted(deployment.spec.preload))
+        if deployment.spec.preload_hook is None:
+            return preload
+        return ("hook", deployment.name, str(deployment.version), *preload)
+
+    async def _zygote(self, deployment: Deployment) -> ZygoteHandle:
+        key = self._zygote_key(deployment)
+        spec = deployment.spec
+        preload = tuple(sorted(spec.preload))
+        # Resolved before the lock: a first download must not hold up other zygotes.
+        weights_path = await self._weights_path(deployment) if spec.preload_hook else None
         async with self._zygote_lock:
             zygote = self.zygotes.get(key)
             if zygote is not None and zygote.alive:
@@ -380,19 +402,38 @@ class LocalBackend(Backend):
                                zygote.pid, list(key))
                 await zygote.stop()
                 users = zygote.users
-            zygote = ZygoteHandle(key, self.limits)
+            hook = None
+            if spec.preload_hook is not None:
+                hook = {"hook": spec.preload_hook, "code_dir": deployment.code_dir,
+                        "env": dict(spec.env), "weights_path": weights_path}
+            zygote = ZygoteHandle(preload, hook, self.limits)
             zygote.users = users
             try:
                 await zygote.start()
             except ZygoteFailed as error:
-                raise ImportFailed(f"a preload module failed to import: {list(key)}",
-                                   traceback=str(error), field="preload") from None
+                traceback, message = error.args[0], error.args[1] if len(error.args) > 1 else ""
+                if hook is not None:
+                    raise ImportFailed(f"preload_hook {spec.preload_hook!r} or a preload module "
+                                       f"of {list(preload)} failed in the zygote: {message}",
+                                       traceback=traceback, field="preload_hook") from None
+                raise ImportFailed(f"a preload module of {list(preload)} failed to import: "
+                                   f"{message}", traceback=traceback, field="preload") from None
             self.zygotes[key] = zygote
             return zygote
 
+    async def _weights_path(self, deployment: Deployment) -> str | None:
+        """Return the local folder of the deployment's weights, pulling them if needed."""
+        if deployment.spec.weights is None:
+            return None
+        if self.resolve_weights is None:
+            raise InvalidSpec(f"function {deployment.name!r} has weights "
+                              f"{deployment.spec.weights!r}, but this server has no object "
+                              "store configured", field="weights")
+        return await self.resolve_weights(deployment.spec.weights)
+
     async def prepare(self, deployment: Deployment) -> None:
         if deployment.spec.start_mode == "zygote":
-            zygote = await self._zygote(deployment.spec.preload)
+            zygote = await self._zygote(deployment)
             zygote.users += 1
         # A throw-away instance imports the module the way real ones will, so that an
         # import error is reported at deploy rather than at the first request.
@@ -415,7 +456,7 @@ class LocalBackend(Backend):
     async def release(self, deployment: Deployment) -> None:
         if deployment.spec.start_mode != "zygote":
             return
-        key = tuple(sorted(deployment.spec.preload))
+        key = self._zygote_key(deployment)
         zygote = self.zygotes.get(key)
         if zygote is None:
             return
@@ -436,12 +477,13 @@ class LocalBackend(Backend):
             code_dir=deployment.code_dir, memory_mb=spec.memory_mb, tmpdir=tmpdir,
             env=dict(spec.env), cap_address_space=self.limits.mode == RLIMIT,
             preload=list(spec.preload), validate_only=validate_only,
+            weights_path=await self._weights_path(deployment), preload_hook=spec.preload_hook,
         )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         limit: InstanceLimit | None = None
         try:
             if spec.start_mode == "zygote":
-                zygote = await self._zygote(spec.preload)
+                zygote = await self._zygote(deployment)
                 limit, pid, exited = await self._fork(zygote, setup, theirs.fileno())
             else:
                 limit = self.limits.create(instance_id, spec.memory_mb)

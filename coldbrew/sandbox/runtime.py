@@ -21,6 +21,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn
 
+from coldbrew.inference import ContextLengthExceeded
 from coldbrew.sandbox import protocol
 from coldbrew.sandbox.context import Context
 
@@ -55,6 +56,8 @@ class InstanceSetup:
     # Set RLIMIT_AS to memory_mb on top of the inherited address space (no cgroup available).
     cap_address_space: bool = False
     preload: list[str] = field(default_factory=list)
+    weights_path: str | None = None
+    preload_hook: str | None = None
     validate_only: bool = False
 
     @classmethod
@@ -114,6 +117,7 @@ def platform_env(setup: InstanceSetup) -> dict[str, str]:
         "COLDBREW_FUNCTION_VERSION": setup.function_version,
         "COLDBREW_INSTANCE_ID": setup.instance_id,
         "COLDBREW_MEMORY_MB": str(setup.memory_mb),
+        **({"COLDBREW_WEIGHTS_PATH": setup.weights_path} if setup.weights_path else {}),
         **SINGLE_THREAD_ENV,
     }
 
@@ -171,10 +175,30 @@ def error_info(error: BaseException, error_type: str) -> dict[str, Any]:
     }
 
 
+class PreloadedState:
+    """What the spec's preload_hook built, once per process tree (zygote or fresh instance)."""
+
+    value: Any = None
+    done = False
+
+
+def run_preload_hook(hook: str, weights_path: str | None) -> None:
+    """Import and call `module.function(weights_path)`; keep its result for every instance."""
+    module_name, function_name = hook.rsplit(".", 1)
+    function = getattr(importlib.import_module(module_name), function_name, None)
+    if function is None or not callable(function):
+        raise AttributeError(f"preload_hook {hook!r}: module {module_name!r} has no function "
+                             f"{function_name!r}")
+    PreloadedState.value = function(weights_path)
+    PreloadedState.done = True
+
+
 def load_handler(setup: InstanceSetup, cap_after_preload: bool = False) -> Callable[..., Any]:
-    """Import the preload modules (no-ops after a zygote fork), then the handler's module."""
+    """Import the preload modules and run the hook (no-ops after a zygote fork), then the handler's module."""
     for module in setup.preload:
         importlib.import_module(module)
+    if setup.preload_hook is not None and not PreloadedState.done:
+        run_preload_hook(setup.preload_hook, setup.weights_path)
     if cap_after_preload:
         set_address_space_limit(setup.memory_mb)
     module_name, function_name = setup.handler.rsplit(".", 1)
@@ -225,6 +249,8 @@ def _invoke(handler: Callable[..., Any], request: dict[str, Any], setup: Instanc
         cold_start=request["cold_start"],
         instance_id=setup.instance_id,
         deadline_epoch_s=request["deadline"],
+        weights_path=setup.weights_path,
+        preloaded=PreloadedState.value,
     )
     capture.reset()
     started = time.perf_counter()
@@ -233,6 +259,10 @@ def _invoke(handler: Callable[..., Any], request: dict[str, Any], setup: Instanc
     try:
         result = handler(request["event"], context)
         reply = {"type": "result", "ok": True, "body": _to_json(result)}
+    except ContextLengthExceeded as error:
+        info = error_info(error, error.error_type)
+        info["details"] = error.details()
+        reply = {"type": "result", "ok": False, "error": info}
     except MemoryError as error:
         # Under RLIMIT_AS an allocation over the cap raises here instead of an OOM kill;
         # the heap may be half-built, so the instance reports and exits.

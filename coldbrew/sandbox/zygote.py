@@ -1,6 +1,8 @@
 """The zygote process: import the preload modules once, then fork instances on request.
 
-Runs as `python -m coldbrew.sandbox.zygote CONTROL_FD` under the gateway process. The
+Runs as `python -m coldbrew.sandbox.zygote CONTROL_FD CONFIG_JSON` under the gateway
+process. CONFIG_JSON names the preload modules and, for a function with a preload_hook,
+the hook, its code folder, environment and weights path. The
 zygote is single-threaded on purpose: fork() copies only the calling thread, so a
 thread started before it (a BLAS pool, a logging thread) would leave its locks held in
 every instance. It is the parent of its instances, so it reaps them and reports each
@@ -28,6 +30,7 @@ import contextlib
 import ctypes
 import gc
 import importlib
+import json
 import os
 import selectors
 import signal
@@ -35,7 +38,7 @@ import socket
 import sys
 import time
 import traceback
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from coldbrew.sandbox import protocol
 from coldbrew.sandbox.runtime import (
@@ -43,6 +46,7 @@ from coldbrew.sandbox.runtime import (
     enter_sandbox,
     error_info,
     isolate,
+    run_preload_hook,
     serve,
     set_parent_death_signal,
 )
@@ -67,11 +71,13 @@ class Zygote:
         os.set_blocking(self.wakeup_read, False)
         self.stopping = False
 
-    def preload(self, modules: list[str]) -> None:
+    def preload(self, modules: list[str], hook: dict[str, Any] | None) -> None:
         started = time.perf_counter()
         try:
             for module in modules:
                 importlib.import_module(module)
+            if hook is not None:
+                self._run_hook(hook)
         except BaseException as error:  # noqa: BLE001 - reported to the gateway, then exit
             protocol.send(self.control, {"op": "preload_error",
                                          "error": error_info(error, "ImportFailed")})
@@ -85,6 +91,16 @@ class Zygote:
             "preload_ms": (time.perf_counter() - started) * 1000,
             "threads": _native_thread_count(),
         })
+
+    @staticmethod
+    def _run_hook(hook: dict[str, Any]) -> None:
+        # This zygote serves one function version: its code folder and environment are
+        # the function's, so the hook (and the handler module it may live in) imports
+        # here exactly as it would in an instance, and instances inherit the result.
+        os.environ.update(hook["env"])
+        os.chdir(hook["code_dir"])
+        sys.path.insert(0, hook["code_dir"])
+        run_preload_hook(hook["hook"], hook["weights_path"])
 
     def run(self) -> NoReturn:
         signal.set_wakeup_fd(self.wakeup_write)
@@ -282,10 +298,10 @@ def main() -> NoReturn:
     # re-parented to the zygote rather than to init, so that the zygote can kill them.
     _set_child_subreaper()
     control = socket.socket(fileno=int(sys.argv[1]))
-    modules = [m for m in sys.argv[2].split(",") if m] if len(sys.argv) > 2 else []
+    config = json.loads(sys.argv[2])
     zygote = Zygote(control)
     # Handler files import coldbrew for its App decorator; load it once here, not per fork.
-    zygote.preload(["coldbrew.sdk.app", *modules])
+    zygote.preload(["coldbrew.sdk.app", *config["preload"]], config.get("hook"))
     zygote.run()
 
 

@@ -42,6 +42,10 @@ class App:
         preload: list[str] | tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         start_mode: str = "zygote",
+        weights: str | None = None,
+        preload_hook: str | None = None,
+        model_name: str | None = None,
+        context_policy: str = "error",
     ) -> Any:
         """Register a handler `(event, context)`; the spec is validated right away."""
 
@@ -58,6 +62,10 @@ class App:
                 "preload": list(preload),
                 "env": dict(env or {}),
                 "start_mode": start_mode,
+                "weights": weights,
+                "preload_hook": preload_hook,
+                "model_name": model_name,
+                "context_policy": context_policy,
             })
             if spec.name in self.functions:
                 raise ValueError(f"app {self.name!r} already has a function named {spec.name!r}")
