@@ -50,6 +50,13 @@ class InvalidRequest(ColdbrewError):
     status = 400
 
 
+class ContextLengthError(ColdbrewError):
+    """An input is longer than the model's context window under the `error` policy."""
+
+    error_type = "ContextLengthExceeded"
+    status = 400
+
+
 class FunctionNotFound(ColdbrewError):
     error_type = "FunctionNotFound"
     status = 404

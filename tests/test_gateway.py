@@ -167,3 +167,82 @@ def test_healthz_reports_limit_mode(shared_server: Server) -> None:
     health = httpx.get(f"{shared_server.url}/healthz").json()
     assert health["status"] == "ok"
     assert health["limit_mode"] in ("cgroup2", "cgroup1", "rlimit")
+
+
+FAKE_EMBEDDER = {"app.py": """
+    from coldbrew.inference import apply_context_policy
+
+    WINDOW = 4
+
+    def embed(event, context):
+        texts = [event["input"]] if isinstance(event["input"], str) else event["input"]
+        data, truncation, total = [], [], 0
+        for index, text in enumerate(texts):
+            tokens, cut = apply_context_policy(text.split(), WINDOW, event["context_policy"], index)
+            total += len(tokens)
+            if cut:
+                truncation.append(cut.to_json())
+            data.append({"object": "embedding", "index": index,
+                         "embedding": [float(len(tokens)), 1.0]})
+        body = {"object": "list", "data": data, "model": event["model"],
+                "usage": {"prompt_tokens": total, "total_tokens": total}}
+        if truncation:
+            body["truncation"] = truncation
+        return body
+"""}
+
+
+def test_embeddings_route_to_model_function(shared_server: Server, deploy) -> None:
+    client = shared_server.client()
+    deploy(client, {"name": "fake-embed", "handler": "app.embed", "model_name": "fake-model"},
+           FAKE_EMBEDDER)
+    models = httpx.get(f"{shared_server.url}/v1/models").json()
+    assert {"fake-model"} <= {m["id"] for m in models["data"]}
+
+    response = httpx.post(f"{shared_server.url}/v1/embeddings",
+                          json={"model": "fake-model", "input": ["a b", "c"]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [d["embedding"][0] for d in body["data"]] == [2.0, 1.0]
+    assert body["usage"]["prompt_tokens"] == 3
+    assert "X-Coldbrew-Request-Id" in response.headers
+
+
+def test_embeddings_context_policies(shared_server: Server, deploy) -> None:
+    client = shared_server.client()
+    deploy(client, {"name": "strict-embed", "handler": "app.embed", "model_name": "strict"},
+           FAKE_EMBEDDER)
+    deploy(client, {"name": "lenient-embed", "handler": "app.embed", "model_name": "lenient",
+                    "context_policy": "truncate"}, FAKE_EMBEDDER)
+    long_text = "one two three four five six"
+
+    rejected = httpx.post(f"{shared_server.url}/v1/embeddings",
+                          json={"model": "strict", "input": ["ok", long_text]})
+    assert rejected.status_code == 400
+    error = rejected.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert error["type"] == "invalid_request_error"
+    assert error["tokens"] == 6
+    assert error["limit"] == 4
+    assert error["index"] == 1
+
+    truncated = httpx.post(f"{shared_server.url}/v1/embeddings",
+                           json={"model": "lenient", "input": long_text})
+    assert truncated.status_code == 200
+    assert truncated.json()["truncation"] == [{"index": 0, "tokens_kept": 4, "tokens_dropped": 2}]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "x"}, "model"),
+    ({"model": "no-such-model", "input": "x"}, "model"),
+    ({"model": "fake-model-2", "input": []}, "input"),
+    ({"model": "fake-model-2", "input": [1, 2]}, "input"),
+    ({"model": "fake-model-2", "input": "x", "encoding_format": "hex"}, "encoding_format"),
+])
+def test_embeddings_bad_requests(shared_server: Server, deploy, body: dict, param: str) -> None:
+    deploy(shared_server.client(), {"name": "fake-embed-2", "handler": "app.embed",
+                                    "model_name": "fake-model-2"}, FAKE_EMBEDDER)
+    response = httpx.post(f"{shared_server.url}/v1/embeddings", json=body)
+    assert response.status_code in (400, 404)
+    assert response.json()["error"]["param"] == param
+    assert response.json()["error"]["message"]

@@ -17,6 +17,7 @@ from typing import Any
 from coldbrew.control.pool import FunctionPool, Instance
 from coldbrew.errors import (
     ColdbrewError,
+    ContextLengthError,
     FunctionNotFound,
     HandlerError,
     InstanceCrashed,
@@ -291,6 +292,8 @@ class ControlPlane:
                 f"(MemoryError under RLIMIT_AS); the instance {instance.id} was stopped",
                 memory_mb=memory_mb, instance_id=instance.id,
                 traceback=error["traceback"])
+        if error["type"] == "ContextLengthExceeded":
+            return ContextLengthError(error["message"], **error.get("details", {}))
         return HandlerError(
             f"{error['exception_type']}: {error['message']}",
             exception_type=error["exception_type"], traceback=error["traceback"])

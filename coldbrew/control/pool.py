@@ -58,6 +58,7 @@ class FunctionPool:
         self.instances: dict[str, Instance] = {}
         self.waiters: deque[asyncio.Future[Instance]] = deque()
         self.closed = False
+        self.created_at = time.time()
         self.drained = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from starlette.routing import Route
 
 from coldbrew import __version__
 from coldbrew.control.plane import ControlPlane, InvocationResult
+from coldbrew.gateway import openai
 from coldbrew.errors import (
     ColdbrewError,
     FunctionNotFound,
@@ -158,10 +160,16 @@ class Gateway:
             event = {}
 
         result = await self.plane.invoke(name, event)
-        headers = _invocation_headers(result)
+        headers = self.invocation_headers(result)
         if result.error is not None:
             return _error_response(result.error, headers)
         return Response(result.body, media_type="application/json", headers=headers)
+
+    def invocation_headers(self, result: InvocationResult) -> dict[str, str]:
+        return invocation_headers(result)
+
+    async def read_json(self, request: Request) -> Any:
+        return await _read_json(request, self.config.max_payload_bytes)
 
     async def healthz(self, _request: Request) -> Response:
         return JSONResponse({
@@ -175,7 +183,7 @@ class Gateway:
         })
 
 
-def _invocation_headers(result: InvocationResult) -> dict[str, str]:
+def invocation_headers(result: InvocationResult) -> dict[str, str]:
     headers = {
         "X-Coldbrew-Request-Id": result.request_id,
         "X-Coldbrew-Cold-Start": "true" if result.cold_start else "false",
@@ -251,6 +259,9 @@ def create_app(config: GatewayConfig) -> Starlette:
         Route("/v1/functions/{name}/invoke", gateway.invoke, methods=["POST"]),
         Route("/v1/functions/{name}/instances", gateway.instances, methods=["GET"]),
         Route("/v1/functions/{name}/invocations", gateway.invocations, methods=["GET"]),
+        Route("/v1/embeddings", functools.partial(openai.create_embeddings, gateway),
+              methods=["POST"]),
+        Route("/v1/models", functools.partial(openai.list_models, gateway), methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
