@@ -126,3 +126,15 @@ def test_redeploy_replaces_idle_instances(shared_server: Server, deploy) -> None
     response = client.invoke("rolling")
     assert response.cold_start is True
     assert response.body["pid"] != old_pid
+
+
+def test_instances_report_shared_memory(shared_server: Server, deploy) -> None:
+    client = shared_server.client()
+    deploy(client, {"name": "sharing", "handler": "app.handler", "preload": ["decimal"]}, SLOW)
+    invoke_many(shared_server, "sharing", [{"seconds": 0.3}] * 3)
+    report = httpx.get(f"{shared_server.url}/v1/functions/sharing/instances").json()
+    assert len(report["instances"]) == 3
+    assert report["zygote"]["pid"] > 0
+    for instance in report["instances"]:
+        assert 0 < instance["pss_mb"] < instance["rss_mb"]
+    assert report["total_pss_mb"] < report["total_rss_mb"]

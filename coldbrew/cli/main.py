@@ -192,11 +192,19 @@ def cmd_instances(client: Client, args: argparse.Namespace) -> int:
     from rich.console import Console
 
     table = _table("id", "state", "pid", "version", "age s", "served", "RSS MB", "PSS MB")
-    for row in client.instances(args.name):
+    report = client.instance_report(args.name)
+    for row in report["instances"]:
         table.add_row(row["id"], row["state"], str(row["pid"]), str(row["version"]),
                       f"{row['age_s']:.1f}", str(row["requests_served"]), str(row["rss_mb"]),
                       str(row["pss_mb"]))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    zygote = report["zygote"]
+    if zygote is not None:
+        console.print(f"zygote pid {zygote['pid']}: RSS {zygote['rss_mb']:.1f} MB, "
+                      f"PSS {zygote['pss_mb']:.1f} MB")
+    console.print(f"total with zygote: RSS {report['total_rss_mb']:.1f} MB, "
+                  f"PSS {report['total_pss_mb']:.1f} MB")
     return 0
 
 

@@ -132,7 +132,17 @@ class Gateway:
 
     async def instances(self, request: Request) -> Response:
         pool = self.plane.pool(request.path_params["name"])
-        return JSONResponse({"instances": pool.describe_instances()})
+        instances = pool.describe_instances()
+        zygote = self.plane.backend.zygote_of(pool.deployment)
+        # With forked instances, PSS splits shared pages among their sharers, so the sum
+        # over the zygote and its instances is what the function costs the machine.
+        members = instances + ([zygote] if zygote else [])
+        return JSONResponse({
+            "instances": instances,
+            "zygote": zygote,
+            "total_rss_mb": round(sum(m["rss_mb"] or 0 for m in members), 2),
+            "total_pss_mb": round(sum(m["pss_mb"] or 0 for m in members), 2),
+        })
 
     async def invocations(self, request: Request) -> Response:
         name = request.path_params["name"]

@@ -99,6 +99,10 @@ class Backend(abc.ABC):
     async def release(self, deployment: Deployment) -> None:
         """Drop what `prepare` kept for a deployment that is gone or replaced."""
 
+    def zygote_of(self, deployment: Deployment) -> dict[str, Any] | None:
+        """Return the pid and memory of the process instances fork from, if there is one."""
+        return None
+
     @abc.abstractmethod
     async def start_instance(self, deployment: Deployment, instance_id: str) -> InstanceProcess:
         """Start an instance and wait for its init phase; raise InitFailed if it fails."""

@@ -340,11 +340,16 @@ class LocalInstance(InstanceProcess):
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def memory(self) -> dict[str, float | None]:
-        try:
-            info = psutil.Process(self.pid).memory_full_info()
-        except (psutil.Error, OSError):
-            return {"rss_mb": None, "pss_mb": None}
-        return {"rss_mb": info.rss / 2**20, "pss_mb": getattr(info, "pss", 0) / 2**20}
+        return process_memory(self.pid)
+
+
+def process_memory(pid: int) -> dict[str, float | None]:
+    """Return resident and proportional memory of a process, in MiB (None if it is gone)."""
+    try:
+        info = psutil.Process(pid).memory_full_info()
+    except (psutil.Error, OSError):
+        return {"rss_mb": None, "pss_mb": None}
+    return {"rss_mb": info.rss / 2**20, "pss_mb": getattr(info, "pss", 0) / 2**20}
 
 
 class LocalBackend(Backend):
@@ -420,6 +425,13 @@ class LocalBackend(Backend):
                                    f"{message}", traceback=traceback, field="preload") from None
             self.zygotes[key] = zygote
             return zygote
+
+    def zygote_of(self, deployment: Deployment) -> dict[str, Any] | None:
+        """Return the pid and memory of the zygote that forks this deployment's instances."""
+        zygote = self.zygotes.get(self._zygote_key(deployment))
+        if deployment.spec.start_mode != "zygote" or zygote is None or not zygote.alive:
+            return None
+        return {"pid": zygote.pid, **process_memory(zygote.pid)}
 
     async def _weights_path(self, deployment: Deployment) -> str | None:
         """Return the local folder of the deployment's weights, pulling them if needed."""

@@ -78,7 +78,11 @@ class Client:
         return self._json("DELETE", f"/v1/functions/{name}")
 
     def instances(self, name: str) -> list[dict[str, Any]]:
-        return self._json("GET", f"/v1/functions/{name}/instances")["instances"]
+        return self.instance_report(name)["instances"]
+
+    def instance_report(self, name: str) -> dict[str, Any]:
+        """Return the instances, their zygote, and total RSS and PSS in MiB."""
+        return self._json("GET", f"/v1/functions/{name}/instances")
 
     def invocations(self, name: str, limit: int = 20) -> list[dict[str, Any]]:
         return self._json("GET", f"/v1/functions/{name}/invocations",
