@@ -2,7 +2,7 @@
 
 Requests are stateless, so every request carries its whole input. An input longer than
 the model's context window is either rejected (`error`, the default) or cut to the
-window with the cut reported in the response (`truncate`); it is never cut silently.
+window with the cut reported in the response (`truncate`). It is never cut silently.
 Handlers run this in the instance process, with the model's own tokenizer.
 """
 
@@ -41,7 +41,7 @@ class ContextLengthExceeded(Exception):
 
 @dataclass(frozen=True)
 class Truncation:
-    """What the `truncate` policy cut from one input."""
+    """The part of one input that the `truncate` policy cut off."""
 
     index: int
     tokens_kept: int
@@ -56,7 +56,7 @@ def apply_context_policy(tokens: Sequence[Token], limit: int, policy: str,
                          index: int = 0) -> tuple[list[Token], Truncation | None]:
     """Return the tokens to use and the truncation made, or raise ContextLengthExceeded.
 
-    `limit` counts every token the model sees, special tokens included.
+    `limit` counts every token passed to the model, special tokens included.
     """
     if policy not in CONTEXT_POLICIES:
         raise ValueError(f"unknown context policy {policy!r}; expected one of "
