@@ -1,0 +1,1 @@
+"""Programs that the benchmarks compare coldbrew with, each run as its own subprocess."""
