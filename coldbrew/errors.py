@@ -117,3 +117,38 @@ class ServiceUnavailable(ColdbrewError):
 
     error_type = "ServiceUnavailable"
     status = 503
+
+
+class InvalidModel(ColdbrewError):
+    """A model name is malformed, or the path given to push has no usable files."""
+
+    error_type = "InvalidModel"
+    status = 400
+
+
+class InvalidTensorFile(ColdbrewError):
+    """A safetensors file has a malformed header, or its header does not match its data."""
+
+    error_type = "InvalidTensorFile"
+    status = 400
+
+
+class ModelNotFound(ColdbrewError):
+    """The object store has no manifest under the model's name."""
+
+    error_type = "ModelNotFound"
+    status = 404
+
+
+class WeightsCorrupted(ColdbrewError):
+    """A model file in the object store is missing, or its SHA-256 differs from the manifest."""
+
+    error_type = "WeightsCorrupted"
+    status = 502
+
+
+class ObjectStoreError(ColdbrewError):
+    """The object store URI is unusable, or a request to the store failed."""
+
+    error_type = "ObjectStoreError"
+    status = 502

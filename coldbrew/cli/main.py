@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+from coldbrew.cli import models
 from coldbrew.errors import ColdbrewError
 from coldbrew.sdk.client import Client, ClientError
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--limit", type=int, default=10, help="how many invocations (default 10)")
     remove = commands.add_parser("rm", help="remove a function and stop its instances")
     remove.add_argument("name")
+    models.add_parser(commands)
     return parser
 
 
@@ -82,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve(args.host, args.port, args.state_dir, args.memory_budget_mb, args.limit_mode,
               args.log_level)
         return 0
+    if args.command == "models":
+        return models.run(args)
     try:
         with Client(args.url) as client:
             return COMMANDS[args.command](client, args)
