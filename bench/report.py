@@ -109,13 +109,16 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """Return the output of a git command in this checkout, or None outside a git checkout."""
     try:
-        completed = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                   timeout=10, cwd=Path(__file__).resolve().parent)
+        completed = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                   cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return completed.stdout.strip() or None
+    if completed.returncode != 0:
+        return None
+    return completed.stdout.strip()
 
 
 def _format(value: float, unit: str) -> str:
@@ -176,7 +179,9 @@ def write_json(results: list[BenchmarkResult], out_dir: Path, command: list[str]
         "started_at": started_at.isoformat(),
         "duration_s": duration_s,
         "command": command,
-        "git_commit": _git_commit(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        # Uncommitted changes make the commit an incomplete description of the code.
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "machine": machine_description(),
         "plan": plan,
         "benchmarks": {result.key: result.to_json() for result in results},
