@@ -25,7 +25,7 @@ import pytest
 from safetensors.numpy import load_file as reference_load_file
 from safetensors.numpy import save_file
 
-from conftest import REPO, free_port
+from conftest import REPO, aws_test_env, free_port, new_bucket
 from coldbrew.errors import (InvalidModel, InvalidTensorFile, ModelNotFound, ObjectStoreError,
                              WeightsCorrupted)
 from coldbrew.weights import tensors
@@ -36,49 +36,6 @@ KIB = 1024
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 for this module."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-def aws_test_env(endpoint: str) -> dict[str, str]:
-    """Dummy credentials, no config files and no metadata service: botocore talks to moto only."""
-    return {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-        "COLDBREW_S3_ENDPOINT_URL": endpoint,
-    }
-
-
-@pytest.fixture
-def s3_env(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    env = aws_test_env(moto_url)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(key, raising=False)
-    return env
-
-
-def new_bucket(prefix: str = "models") -> str:
-    """Create a fresh bucket on the moto server and return an s3:// URI inside it."""
-    bucket = f"weights-{uuid.uuid4().hex[:12]}"
-    ObjectStore(f"s3://{bucket}").fs.mkdir(bucket)
-    return f"s3://{bucket}/{prefix}"
 
 
 @pytest.fixture(params=["file", "s3"])

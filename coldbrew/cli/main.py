@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--limit-mode", choices=["cgroup2", "cgroup1", "rlimit"],
                        help="force how memory caps are enforced (default: best available)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--store", help="object store URI for model weights, file:///PATH or "
+                       "s3://BUCKET/PREFIX (default $COLDBREW_STORE or STATE_DIR/objects)")
 
     deploy = commands.add_parser("deploy", help="deploy the functions of a file or folder")
     deploy.add_argument("path", type=Path, help="a Python file with a coldbrew.App, or with "
@@ -82,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from coldbrew.gateway.server import serve
 
         serve(args.host, args.port, args.state_dir, args.memory_budget_mb, args.limit_mode,
-              args.log_level)
+              args.log_level, args.store)
         return 0
     if args.command == "models":
         return models.run(args)

@@ -25,6 +25,7 @@ from starlette.routing import Route
 from coldbrew import __version__
 from coldbrew.control.plane import ControlPlane, InvocationResult
 from coldbrew.gateway import openai
+from coldbrew.gateway.weights import WeightsResolver
 from coldbrew.errors import (
     ColdbrewError,
     FunctionNotFound,
@@ -37,6 +38,8 @@ from coldbrew.sandbox.local import LocalBackend
 from coldbrew.spec import Deployment, parse_spec
 from coldbrew.store.code import CodeStore
 from coldbrew.store.db import StateStore
+from coldbrew.weights.cache import NodeCache, default_cache_max_bytes
+from coldbrew.weights.store import default_store_uri
 
 logger = logging.getLogger("coldbrew.gateway")
 
@@ -49,6 +52,7 @@ class GatewayConfig:
     memory_budget_mb: int
     max_payload_bytes: int = 6 * 2**20  # Lambda's synchronous payload limit
     limit_mode: str | None = None
+    store_uri: str | None = None
 
 
 class Gateway:
@@ -56,7 +60,11 @@ class Gateway:
         self.config = config
         self.store = StateStore(config.state_dir / "state.db")
         self.code = CodeStore(config.state_dir / "code")
-        backend = LocalBackend(str(config.state_dir / "run"), limit_mode=config.limit_mode)
+        cache_dir = config.state_dir / "weights"
+        self.weights = WeightsResolver(config.store_uri or default_store_uri(config.state_dir),
+                                       NodeCache(cache_dir, default_cache_max_bytes(cache_dir)))
+        backend = LocalBackend(str(config.state_dir / "run"), limit_mode=config.limit_mode,
+                               resolve_weights=self.weights)
         self.plane = ControlPlane(backend, self.store, config.memory_budget_mb,
                                   max_response_bytes=config.max_payload_bytes)
         self.started_at = time.time()
@@ -190,6 +198,7 @@ class Gateway:
             "limit_mode": self.plane.backend.limit_mode,
             "memory_budget_mb": self.plane.memory_budget_mb,
             "memory_reserved_mb": self.plane.used_mb,
+            "object_store": self.weights.store_uri,
         })
 
 

@@ -13,18 +13,13 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from coldbrew.errors import ColdbrewError, InvalidRequest, TooManyRequests
+from coldbrew.errors import ColdbrewError, InvalidRequest, ModelNotFound, TooManyRequests
 
 if TYPE_CHECKING:
     from coldbrew.control.pool import FunctionPool
     from coldbrew.gateway.app import Gateway
 
 ENCODING_FORMATS = ("float", "base64")
-
-
-class ModelNotFound(ColdbrewError):
-    error_type = "ModelNotFound"
-    status = 404
 
 
 def openai_error(error: ColdbrewError, headers: dict[str, str] | None = None) -> Response:

@@ -34,13 +34,14 @@ def _exit_after_shutdown(_signum: int, _frame: object) -> None:
 
 
 def serve(host: str, port: int, state_dir: str | None, memory_budget_mb: int | None,
-          limit_mode: str | None, log_level: str = "info") -> None:
+          limit_mode: str | None, log_level: str = "info", store_uri: str | None = None) -> None:
     """Start the gateway and block until SIGINT or SIGTERM; then stop every instance."""
     configure_logging(log_level)
     config = GatewayConfig(
         state_dir=Path(state_dir or os.environ.get("COLDBREW_STATE_DIR", DEFAULT_STATE_DIR)).resolve(),
         memory_budget_mb=memory_budget_mb or default_memory_budget_mb(),
         limit_mode=limit_mode or os.environ.get("COLDBREW_LIMIT_MODE") or None,
+        store_uri=store_uri,
     )
     app = create_app(config)
     # uvicorn stops gracefully on these signals and then raises the signal again to the

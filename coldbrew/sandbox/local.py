@@ -37,9 +37,10 @@ from coldbrew.spec import Deployment
 logger = logging.getLogger("coldbrew.sandbox")
 
 INIT_TIMEOUT_S = 120.0
+STANDBY_REFILL_DELAY_S = 0.5
 
-# Maps a spec's `weights` reference to a local folder, pulling it into the node cache.
-WeightsResolver = Callable[[str], Awaitable[str]]
+# Maps a deployment's `weights` to a local folder, pulling them into the node cache.
+WeightsResolver = Callable[[Deployment], Awaitable[str]]
 EXIT_WAIT_S = 5.0
 GRACEFUL_STOP_S = 2.0
 
@@ -247,6 +248,14 @@ class LocalInstance(InstanceProcess):
         self.writer = writer
         self._exited = exited
         self._cleaned = False
+        # Called once, after the first reply or at stop: work that should not compete with
+        # the cold start for the CPU (pre-forking the next standby).
+        self.after_first_reply: Callable[[], None] | None = None
+
+    def _run_after_first_reply(self) -> None:
+        callback, self.after_first_reply = self.after_first_reply, None
+        if callback is not None:
+            callback()
 
     @property
     def exited(self) -> asyncio.Future[ExitStatus]:
@@ -289,7 +298,8 @@ class LocalInstance(InstanceProcess):
         try:
             self.writer.write(protocol.encode(request))
             await self.writer.drain()
-            reply = await asyncio.wait_for(protocol.read_frame(self.reader), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                reply = await protocol.read_frame(self.reader)
         except TimeoutError:
             await self.stop(graceful=False)
             raise InvocationTimedOut() from None
@@ -300,6 +310,7 @@ class LocalInstance(InstanceProcess):
             oom = self.limit.oom_kills() > 0
             await self.stop(graceful=False)
             raise InstanceLost(status, out_of_memory=oom)
+        self._run_after_first_reply()
         return reply
 
     async def _wait_exit(self) -> ExitStatus:
@@ -318,6 +329,7 @@ class LocalInstance(InstanceProcess):
         self.limit.kill_all()
 
     async def stop(self, graceful: bool = True) -> ExitStatus:
+        self._run_after_first_reply()
         if graceful and not self._exited.done():
             self.writer.close()  # end of stream: the instance's loop exits with code 0
             try:
@@ -441,7 +453,7 @@ class LocalBackend(Backend):
             raise InvalidSpec(f"function {deployment.name!r} has weights "
                               f"{deployment.spec.weights!r}, but this server has no object "
                               "store configured", field="weights")
-        return await self.resolve_weights(deployment.spec.weights)
+        return await self.resolve_weights(deployment)
 
     async def prepare(self, deployment: Deployment) -> None:
         if deployment.spec.start_mode == "zygote":
@@ -515,6 +527,11 @@ class LocalBackend(Backend):
                                  writer, exited)
         self._instances[instance_id] = instance
         exited.add_done_callback(lambda _f: self._instances.pop(instance_id, None))
+        if spec.start_mode == "zygote":
+            instance.after_first_reply = zygote.schedule_prefork
+            # A provisioned instance may wait long for its first request; refill anyway.
+            asyncio.get_running_loop().call_later(STANDBY_REFILL_DELAY_S,
+                                                  instance._run_after_first_reply)
         await instance.wait_ready()
         return instance
 
@@ -523,7 +540,6 @@ class LocalBackend(Backend):
         """Start an instance from the zygote's standby when it has one, else by a new fork."""
         assert self.limits is not None
         standby = zygote.take_standby()
-        zygote.schedule_prefork()
         if standby is not None:
             limit = self.limits.apply(standby.limit, setup.memory_mb)
             try:
