@@ -16,6 +16,15 @@ CONTEXT_POLICIES = ("error", "truncate")
 Token = TypeVar("Token")
 
 
+class InvalidInput(ValueError):
+    """The request's input is malformed; the gateway answers 400 InvalidRequest, not 500."""
+
+    error_type = "InvalidInput"
+
+    def details(self) -> dict[str, Any]:
+        return {"param": "input"}
+
+
 class ContextLengthExceeded(Exception):
     """An input has more tokens than the model's context window, under the `error` policy.
 

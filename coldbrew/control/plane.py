@@ -21,6 +21,7 @@ from coldbrew.errors import (
     FunctionNotFound,
     HandlerError,
     InstanceCrashed,
+    InvalidRequest,
     InvalidSpec,
     OutOfMemory,
     ResponseTooLarge,
@@ -294,6 +295,8 @@ class ControlPlane:
                 traceback=error["traceback"])
         if error["type"] == "ContextLengthExceeded":
             return ContextLengthError(error["message"], **error.get("details", {}))
+        if error["type"] == "InvalidInput":
+            return InvalidRequest(error["message"], **error.get("details", {}))
         return HandlerError(
             f"{error['exception_type']}: {error['message']}",
             exception_type=error["exception_type"], traceback=error["traceback"])

@@ -21,7 +21,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn
 
-from coldbrew.inference import ContextLengthExceeded
+from coldbrew.inference import ContextLengthExceeded, InvalidInput
 from coldbrew.sandbox import protocol
 from coldbrew.sandbox.context import Context
 
@@ -259,7 +259,7 @@ def _invoke(handler: Callable[..., Any], request: dict[str, Any], setup: Instanc
     try:
         result = handler(request["event"], context)
         reply = {"type": "result", "ok": True, "body": _to_json(result)}
-    except ContextLengthExceeded as error:
+    except (ContextLengthExceeded, InvalidInput) as error:
         info = error_info(error, error.error_type)
         info["details"] = error.details()
         reply = {"type": "result", "ok": False, "error": info}

@@ -1,7 +1,8 @@
 """The request and response bodies of OpenAI's `POST /v1/embeddings`, as the handler uses them.
 
 The event is the OpenAI request body, to which the gateway adds `context_policy` from
-the function's spec. Every check raises ValueError that quotes the invalid value.
+the function's spec. Every check raises InvalidInput (a ValueError, answered with HTTP 400)
+that quotes the invalid value.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from coldbrew.inference import CONTEXT_POLICIES, Truncation
+from coldbrew.inference import CONTEXT_POLICIES, InvalidInput, Truncation
 
 # OpenAI's limit on the inputs of one embeddings request (its OpenAPI spec: "any array
 # must be 2048 dimensions or less").
@@ -37,11 +38,11 @@ class EmbeddingsRequest:
 def parse_request(event: Any, dimensions: int) -> EmbeddingsRequest:
     """Validate an embeddings request for a model whose embeddings have `dimensions` values."""
     if not isinstance(event, dict):
-        raise ValueError(f"the event must be a JSON object with an 'input' field, as in "
+        raise InvalidInput(f"the event must be a JSON object with an 'input' field, as in "
                          f"OpenAI's embeddings request, got {_preview(event)}")
     unknown = sorted(set(event) - set(REQUEST_FIELDS))
     if unknown:
-        raise ValueError(f"unknown request fields {unknown}; expected only {list(REQUEST_FIELDS)}")
+        raise InvalidInput(f"unknown request fields {unknown}; expected only {list(REQUEST_FIELDS)}")
 
     _check_dimensions(event.get("dimensions"), dimensions)
     _optional_string(event, "user")
@@ -55,23 +56,23 @@ def parse_request(event: Any, dimensions: int) -> EmbeddingsRequest:
 
 def _parse_inputs(value: Any) -> list[str]:
     if value is None:
-        raise ValueError("the request has no 'input'; send a string or a list of strings")
+        raise InvalidInput("the request has no 'input'; send a string or a list of strings")
     if isinstance(value, str):
         _check_text("input", value)
         return [value]
     if not isinstance(value, list) or not value:
-        raise ValueError(f"'input' must be a string or a non-empty list of strings, got "
+        raise InvalidInput(f"'input' must be a string or a non-empty list of strings, got "
                          f"{_preview(value)}")
     if all(_is_int(item) for item in value):
-        raise ValueError(f"'input' is a list of token ids {_preview(value)}; this function "
+        raise InvalidInput(f"'input' is a list of token ids {_preview(value)}; this function "
                          "tokenizes text itself, so send the text as a string")
     if len(value) > MAX_INPUTS:
-        raise ValueError(f"'input' has {len(value)} items, more than the maximum of {MAX_INPUTS} "
+        raise InvalidInput(f"'input' has {len(value)} items, more than the maximum of {MAX_INPUTS} "
                          "per request; split it into several requests")
 
     for index, item in enumerate(value):
         if isinstance(item, list) and item and all(_is_int(token) for token in item):
-            raise ValueError(f"'input[{index}]' is a list of token ids {_preview(item)}; this "
+            raise InvalidInput(f"'input[{index}]' is a list of token ids {_preview(item)}; this "
                              "function tokenizes text itself, so send the text as a string")
         _check_text(f"input[{index}]", item)
     return list(value)
@@ -79,9 +80,9 @@ def _parse_inputs(value: Any) -> list[str]:
 
 def _check_text(name: str, value: Any) -> None:
     if not isinstance(value, str):
-        raise ValueError(f"'{name}' is {_preview(value)}; expected a non-empty string")
+        raise InvalidInput(f"'{name}' is {_preview(value)}; expected a non-empty string")
     if not value:
-        raise ValueError(f"'{name}' is an empty string; OpenAI's API rejects empty inputs too, "
+        raise InvalidInput(f"'{name}' is an empty string; OpenAI's API rejects empty inputs too, "
                          "so leave it out of the request")
 
 
@@ -94,7 +95,7 @@ def _check_dimensions(value: Any, dimensions: int) -> None:
     # A JSON null counts as an absent field.
     if value is None or (_is_int(value) and value == dimensions):
         return
-    raise ValueError(f"'dimensions' is {_preview(value)}, but this model returns "
+    raise InvalidInput(f"'dimensions' is {_preview(value)}, but this model returns "
                      f"{dimensions}-dimensional embeddings and cannot shorten them; "
                      f"omit 'dimensions' or set it to {dimensions}")
 
@@ -102,7 +103,7 @@ def _check_dimensions(value: Any, dimensions: int) -> None:
 def _optional_string(event: dict[str, Any], key: str) -> str | None:
     value = event.get(key)
     if value is not None and not isinstance(value, str):
-        raise ValueError(f"'{key}' is {_preview(value)}; expected a string")
+        raise InvalidInput(f"'{key}' is {_preview(value)}; expected a string")
     return value
 
 
@@ -111,7 +112,7 @@ def _choice(event: dict[str, Any], key: str, choices: tuple[str, ...], default: 
     if value is None:
         return default
     if value not in choices:
-        raise ValueError(f"'{key}' is {_preview(value)}; expected one of {list(choices)}")
+        raise InvalidInput(f"'{key}' is {_preview(value)}; expected one of {list(choices)}")
     return str(value)
 
 

@@ -75,7 +75,11 @@ def load_model(weights_path: str) -> SentenceEmbeddingModel:
                          f"({config.max_position_embeddings})")
 
     tokenizer = _load_tokenizer(folder)
-    encoder = _load_encoder(config, _required_file(folder, WEIGHTS_FILE))
+    weights_file = _required_file(folder, WEIGHTS_FILE)
+    # In a zygote this puts the weight pages in the page cache on the zygote's account, so
+    # no instance's memory cap is charged for them.
+    weight_tensors.prefetch(weights_file)
+    encoder = _load_encoder(config, weights_file)
     return SentenceEmbeddingModel(
         tokenizer=tokenizer,
         encoder=encoder,
