@@ -57,6 +57,8 @@ class Standby:
     pid: int
     limit: InstanceLimit
     exited: asyncio.Future[ExitStatus]
+    # The gateway's end of the standby's socket: the setup goes here, then requests.
+    sock: socket.socket
 
 
 class ZygoteHandle:
@@ -114,20 +116,12 @@ class ZygoteHandle:
         self.schedule_prefork()
         return message
 
-    async def fork(self, setup: InstanceSetup, instance_fd: int,
-                   standby: Standby | None = None) -> tuple[int, asyncio.Future[ExitStatus]]:
-        """Start an instance from `standby` if given, else from a new fork."""
+    async def fork(self, setup: InstanceSetup,
+                   instance_fd: int) -> tuple[int, asyncio.Future[ExitStatus]]:
+        """Fork a new instance that serves on `instance_fd`."""
         message: dict[str, Any] = {"op": "fork", "setup": setup.__dict__}
-        if standby is None:
-            pid = await self._request(setup.instance_id, message, instance_fd)
-            return pid, self._exits[pid]
-        if not self.alive or self._sender is None:
-            raise ZygoteFailed(f"zygote pid={self.pid} is not running")
-        # The standby's pid is known, so the zygote's acknowledgement is not awaited. If
-        # the handover fails, the zygote closes the socket and the init phase sees EOF.
-        message["standby_id"] = standby.standby_id
-        protocol.send_with_fd(self._sender, message, instance_fd)
-        return standby.pid, standby.exited
+        pid = await self._request(setup.instance_id, message, instance_fd)
+        return pid, self._exits[pid]
 
     async def _request(self, key: str, message: dict[str, Any], fd: int | None) -> int:
         if not self.alive or self._sender is None:
@@ -146,6 +140,7 @@ class ZygoteHandle:
     def take_standby(self) -> Standby | None:
         standby, self.standby = self.standby, None
         if standby is not None and standby.exited.done():
+            standby.sock.close()
             standby.limit.remove()
             return None
         return standby
@@ -160,14 +155,19 @@ class ZygoteHandle:
     async def _prefork(self) -> None:
         standby_id = f"standby-{os.urandom(6).hex()}"
         limit = self.limits.create(standby_id, None)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             pid = await self._request(standby_id, {"op": "prefork", "standby_id": standby_id,
-                                                   "cgroup_procs": limit.procs_path}, None)
+                                                   "cgroup_procs": limit.procs_path},
+                                      theirs.fileno())
         except (ZygoteFailed, OSError, TimeoutError) as error:
             logger.warning("zygote pid=%d could not pre-fork a standby: %s", self.pid, error)
+            ours.close()
             limit.remove()
             return
-        self.standby = Standby(standby_id, pid, limit, self._exits[pid])
+        finally:
+            theirs.close()
+        self.standby = Standby(standby_id, pid, limit, self._exits[pid], ours)
 
     async def _read_loop(self) -> None:
         assert self._reader is not None
@@ -229,6 +229,7 @@ class ZygoteHandle:
         if self._prefork_task is not None:
             await asyncio.gather(self._prefork_task, return_exceptions=True)
         if self.standby is not None:
+            self.standby.sock.close()
             self.standby.limit.remove()
             self.standby = None
         logger.info("zygote pid=%d stopped, preload=%s", self.pid, list(self.preload))
@@ -503,24 +504,20 @@ class LocalBackend(Backend):
             preload=list(spec.preload), validate_only=validate_only,
             weights_path=await self._weights_path(deployment), preload_hook=spec.preload_hook,
         )
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         limit: InstanceLimit | None = None
         try:
             if spec.start_mode == "zygote":
                 zygote = await self._zygote(deployment)
-                limit, pid, exited = await self._fork(zygote, setup, theirs.fileno())
+                limit, pid, exited, ours = await self._fork(zygote, setup)
             else:
                 limit = self.limits.create(instance_id, spec.memory_mb)
                 setup.cgroup_procs = limit.procs_path
-                pid, exited = await self._start_fresh(setup, theirs.fileno(), ours)
+                pid, exited, ours = await self._start_fresh(setup)
         except BaseException:
             if limit is not None:
                 limit.remove()
             shutil.rmtree(tmpdir, ignore_errors=True)
-            ours.close()
             raise
-        finally:
-            theirs.close()
 
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         instance = LocalInstance(instance_id, pid, spec.memory_mb, limit, tmpdir, reader,
@@ -535,36 +532,58 @@ class LocalBackend(Backend):
         await instance.wait_ready()
         return instance
 
-    async def _fork(self, zygote: ZygoteHandle, setup: InstanceSetup,
-                    fd: int) -> tuple[InstanceLimit, int, asyncio.Future[ExitStatus]]:
-        """Start an instance from the zygote's standby when it has one, else by a new fork."""
+    async def _fork(self, zygote: ZygoteHandle, setup: InstanceSetup
+                    ) -> tuple[InstanceLimit, int, asyncio.Future[ExitStatus], socket.socket]:
+        """Start an instance from the zygote's standby when it has one, else by a new fork.
+
+        Return its cap, pid, exit future and the gateway's end of its socket.
+        """
         assert self.limits is not None
         standby = zygote.take_standby()
         if standby is not None:
             limit = self.limits.apply(standby.limit, setup.memory_mb)
             try:
-                pid, exited = await zygote.fork(setup, fd, standby)
-                return limit, pid, exited
-            except ZygoteFailed as error:
+                # The standby reads its setup straight from this socket. If it died in the
+                # meantime, the init phase sees end of stream and reports how it exited.
+                protocol.send(standby.sock, {"setup": setup.__dict__})
+                return limit, standby.pid, standby.exited, standby.sock
+            except OSError as error:
                 logger.warning("standby %s of zygote pid=%d failed (%s); forking instead",
                                standby.standby_id, zygote.pid, error)
+                standby.sock.close()
                 limit.remove()
         limit = self.limits.create(setup.instance_id, setup.memory_mb)
         setup.cgroup_procs = limit.procs_path
-        pid, exited = await zygote.fork(setup, fd)
-        return limit, pid, exited
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid, exited = await zygote.fork(setup, theirs.fileno())
+        except BaseException:
+            ours.close()
+            limit.remove()
+            raise
+        finally:
+            theirs.close()
+        return limit, pid, exited, ours
 
-    async def _start_fresh(self, setup: InstanceSetup, fd: int,
-                           ours: socket.socket) -> tuple[int, asyncio.Future[ExitStatus]]:
+    async def _start_fresh(self, setup: InstanceSetup
+                           ) -> tuple[int, asyncio.Future[ExitStatus], socket.socket]:
         # NOTE: without a cgroup, a process that a fresh instance detaches into a new
         # session outlives it, because only zygotes act as subreapers for their instances.
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "coldbrew.sandbox.runtime", str(fd), str(os.getpid()),
-            pass_fds=[fd], stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        protocol.send(ours, {"setup": setup.__dict__})
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "coldbrew.sandbox.runtime", str(theirs.fileno()),
+                str(os.getpid()), pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            protocol.send(ours, {"setup": setup.__dict__})
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
         exited = asyncio.ensure_future(_exit_status_of(process))
-        return process.pid, exited
+        return process.pid, exited, ours
 
 
 async def _exit_status_of(process: asyncio.subprocess.Process) -> ExitStatus:

@@ -2,8 +2,8 @@
 
 Runs as `python -m coldbrew.sandbox.zygote CONTROL_FD CONFIG_JSON` under the gateway
 process. CONFIG_JSON names the preload modules and, for a function with a preload_hook,
-the hook, its code folder, environment and weights path. The
-zygote is single-threaded on purpose: fork() copies only the calling thread, so a
+the hook, its code folder, environment and weights path. The zygote is single-threaded on
+purpose: fork() copies only the calling thread, so a
 thread started before it (a BLAS pool, a logging thread) would leave its locks held in
 every instance. It is the parent of its instances, so it reaps them and reports each
 exit status to the gateway, which cannot wait for processes it did not start.
@@ -11,16 +11,16 @@ exit status to the gateway, which cannot wait for processes it did not start.
 The zygote can also pre-fork a standby child that has already started its session and
 joined its cgroup. Joining a cgroup waits for an RCU grace period, about 10 ms on an
 idle 2-core VM against 0.3 ms on a busy one (measured here on Linux 6.18), so doing it
-ahead of time takes it off the cold-start path.
+ahead of time takes it off the cold-start path. The gateway keeps the other end of the
+standby's socket and sends the instance setup on it directly.
 
 Control messages (frames of `coldbrew.sandbox.protocol`):
-  gateway -> zygote  {"op": "prefork", "standby_id", "cgroup_procs"}
-                     {"op": "fork", "setup": {...}, "standby_id"?}  plus the instance's socket
+  gateway -> zygote  {"op": "prefork", "standby_id", "cgroup_procs"}  plus the standby's socket
+                     {"op": "fork", "setup": {...}}  plus the instance's socket
   zygote -> gateway  {"op": "ready", "pid", "preload_ms", "threads"} once preloaded
                      {"op": "preload_error", "error": {...}} when a preload import fails
                      {"op": "forked", "instance_id", "pid"}  (instance_id is the standby id
                                                             for a prefork)
-                     {"op": "fork_failed", "instance_id", "reason"}
                      {"op": "exited", "pid", "exit_code" | "signal"}
 """
 
@@ -64,8 +64,6 @@ class Zygote:
     def __init__(self, control: socket.socket) -> None:
         self.control = control
         self.children: set[int] = set()
-        # Pre-forked children waiting for a setup: standby id -> (pid, socket to the child).
-        self.standbys: dict[str, tuple[int, socket.socket]] = {}
         self.wakeup_read, self.wakeup_write = os.pipe()
         os.set_blocking(self.wakeup_write, False)
         os.set_blocking(self.wakeup_read, False)
@@ -135,10 +133,10 @@ class Zygote:
         if message is None:
             return False
         op = message.get("op")
-        if op == "prefork":
-            self._prefork(message["standby_id"], message.get("cgroup_procs"))
+        if op == "prefork" and fd is not None:
+            self._prefork(message["standby_id"], message.get("cgroup_procs"), fd)
         elif op == "fork" and fd is not None:
-            self._fork(InstanceSetup.from_json(message["setup"]), fd, message.get("standby_id"))
+            self._fork(InstanceSetup.from_json(message["setup"]), fd)
         else:
             print(f"zygote {os.getpid()}: ignoring malformed control message {message!r}",
                   file=sys.stderr)
@@ -146,35 +144,26 @@ class Zygote:
                 os.close(fd)
         return True
 
-    def _fork(self, setup: InstanceSetup, fd: int, standby_id: str | None) -> None:
-        if standby_id is None:
-            pid = os.fork()
-            if pid == 0:
-                self._become_instance(setup, fd)
-            self.children.add(pid)
-        else:
-            standby = self.standbys.pop(standby_id, None)
-            if standby is None:
-                os.close(fd)
-                protocol.send(self.control, {"op": "fork_failed", "instance_id": setup.instance_id,
-                                             "reason": f"standby {standby_id} is gone"})
-                return
-            pid, channel = standby
-            protocol.send_with_fd(channel, {"setup": setup.__dict__}, fd)
-            channel.close()
+    def _fork(self, setup: InstanceSetup, fd: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            self._become_instance(setup, fd)
+        self.children.add(pid)
         os.close(fd)
         protocol.send(self.control, {"op": "forked", "instance_id": setup.instance_id, "pid": pid})
 
-    def _prefork(self, standby_id: str, cgroup_procs: str | None) -> None:
-        """Fork a standby child now, so that a later cold start skips fork and cgroup entry."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _prefork(self, standby_id: str, cgroup_procs: str | None, fd: int) -> None:
+        """Fork a standby child now, so that a later cold start skips fork and cgroup entry.
+
+        `fd` is the standby's end of a socket whose other end the gateway keeps: the
+        gateway later sends the instance setup on it directly, and it becomes the
+        instance's socket, so the zygote is not on the cold-start path at all.
+        """
         pid = os.fork()
         if pid == 0:
-            ours.close()
-            self._become_standby(theirs, cgroup_procs)
-        theirs.close()
+            self._become_standby(socket.socket(fileno=fd), cgroup_procs)
+        os.close(fd)
         self.children.add(pid)
-        self.standbys[standby_id] = (pid, ours)
         protocol.send(self.control, {"op": "forked", "instance_id": standby_id, "pid": pid})
 
     def _leave_zygote(self) -> int:
@@ -184,8 +173,6 @@ class Zygote:
         self.control.close()
         os.close(self.wakeup_read)
         os.close(self.wakeup_write)
-        for _pid, channel in self.standbys.values():
-            channel.close()
         # gc.freeze() stays in effect: a collection here would write to the GC headers of
         # inherited objects and copy the pages that the zygote shares with every instance.
         return zygote_pid
@@ -206,13 +193,12 @@ class Zygote:
         try:
             zygote_pid = self._leave_zygote()
             enter_sandbox(zygote_pid, cgroup_procs)
-            message, fd = protocol.recv_with_fd(channel)
-            if message is None or fd is None:
+            message = protocol.recv(channel)
+            if message is None:
                 os._exit(0)  # discarded before use
-            channel.close()
             setup = InstanceSetup.from_json(message["setup"])
             isolate(setup)
-            serve(socket.socket(fileno=fd), setup)
+            serve(channel, setup)
         except BaseException:  # noqa: BLE001 - never return into the zygote's loop
             traceback.print_exc()
             os._exit(70)
@@ -229,7 +215,6 @@ class Zygote:
             if pid not in self.children:
                 continue  # an adopted orphan (see _kill_adopted)
             self.children.discard(pid)
-            self._forget_standby(pid)
             instance_exited = True
             try:
                 protocol.send(self.control, exit_status_message(pid, status))
@@ -237,12 +222,6 @@ class Zygote:
                 self.stopping = True
         if instance_exited:
             self._kill_adopted()
-
-    def _forget_standby(self, pid: int) -> None:
-        for standby_id, (standby_pid, channel) in list(self.standbys.items()):
-            if standby_pid == pid:
-                channel.close()
-                del self.standbys[standby_id]
 
     def _kill_adopted(self) -> None:
         """SIGKILL processes an instance left behind, which the kernel re-parented to us."""
