@@ -183,9 +183,7 @@ class ZygoteHandle:
         op = message.get("op")
         if op == "forked":
             pid = message["pid"]
-            # A standby handed to an instance is acknowledged with its existing pid.
-            if pid not in self._exits:
-                self._exits[pid] = asyncio.get_running_loop().create_future()
+            self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
             future = self._forks.get(message["instance_id"])
             if future is not None and not future.done():
                 future.set_result(pid)
@@ -322,8 +320,8 @@ class LocalInstance(InstanceProcess):
             return await asyncio.wait_for(asyncio.shield(self._exited), EXIT_WAIT_S)
 
     def _kill(self) -> None:
-        # The instance leads its own session, so its process group also holds any
-        # children it spawned; the cgroup catches those that left the group.
+        # The instance leads its own session, so its process group also contains any
+        # children it spawned. The cgroup catches those that left the group.
         for kill in (os.killpg, os.kill):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 kill(self.pid, signal.SIGKILL)
@@ -397,8 +395,8 @@ class LocalBackend(Backend):
 
     @staticmethod
     def _zygote_key(deployment: Deployment) -> tuple[str, ...]:
-        # Functions share a zygote per preload set, except those with a preload_hook: that
-        # zygote holds one version's code and weights.
+        # Functions share a zygote per preload set, except those with a preload_hook,
+        # whose zygote keeps one version's code and weights in memory.
         preload = tuple(sorted(deployment.spec.preload))
         if deployment.spec.preload_hook is None:
             return preload
@@ -544,7 +542,7 @@ class LocalBackend(Backend):
             limit = self.limits.apply(standby.limit, setup.memory_mb)
             try:
                 # The standby reads its setup straight from this socket. If it died in the
-                # meantime, the init phase sees end of stream and reports how it exited.
+                # meantime, the init phase reads end of stream and reports how it exited.
                 protocol.send(standby.sock, {"setup": setup.__dict__})
                 return limit, standby.pid, standby.exited, standby.sock
             except OSError as error:

@@ -9,9 +9,9 @@ every instance. It is the parent of its instances, so it reaps them and reports 
 exit status to the gateway, which cannot wait for processes it did not start.
 
 The zygote can also pre-fork a standby child that has already started its session and
-joined its cgroup. Joining a cgroup waits for an RCU grace period, about 10 ms on an
-idle 2-core VM against 0.3 ms on a busy one (measured here on Linux 6.18), so doing it
-ahead of time takes it off the cold-start path. The gateway keeps the other end of the
+joined its cgroup. Joining a cgroup waits for an RCU grace period: about 10 ms on an
+idle 2-core VM, against 0.3 ms on a busy one (measured on Linux 6.18, cgroup v1).
+Doing it ahead of time takes that wait off the cold-start path. The gateway keeps the other end of the
 standby's socket and sends the instance setup on it directly.
 
 Control messages (frames of `coldbrew.sandbox.protocol`):
