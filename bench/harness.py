@@ -57,17 +57,23 @@ class Plan:
     burst_trials: int  # bursts per start mode
     burst_size: int  # concurrent requests in one burst
     memory_levels: tuple[int, ...]  # idle instance counts whose memory is measured
+    model_trials: int  # zygote cold starts of the embedding model, weights preloaded
+    model_fresh_trials: int  # fresh cold starts of it per weights source, several s each
+    model_s3: bool  # also time pulls from an S3 store (moto on 127.0.0.1), about 20 s more
+    weight_load_trials: int  # fresh subprocesses per weights loader
     limit_mode: str | None = None  # `coldbrew serve --limit-mode`; None picks the best
 
 
 FULL_PLAN = Plan(cold_trials=50, fresh_trials=20, ray_trials=20, floor_trials=1000,
                  heavy_trials=20, heavy_fresh_trials=10, warm_rounds=5, warm_requests=20000,
                  warm_seconds=8.0, warm_concurrency=8, burst_trials=5, burst_size=100,
-                 memory_levels=(1, 10, 50))
+                 memory_levels=(1, 10, 50), model_trials=20, model_fresh_trials=5,
+                 model_s3=True, weight_load_trials=5)
 QUICK_PLAN = Plan(cold_trials=10, fresh_trials=5, ray_trials=5, floor_trials=100,
                   heavy_trials=5, heavy_fresh_trials=3, warm_rounds=2, warm_requests=3000,
                   warm_seconds=3.0, warm_concurrency=8, burst_trials=1, burst_size=100,
-                  memory_levels=(1, 10))
+                  memory_levels=(1, 10), model_trials=5, model_fresh_trials=1,
+                  model_s3=False, weight_load_trials=1)
 
 
 def make_plan(quick: bool, trials: int | None, limit_mode: str | None) -> Plan:
@@ -77,7 +83,8 @@ def make_plan(quick: bool, trials: int | None, limit_mode: str | None) -> Plan:
         return plan
     return replace(plan, cold_trials=trials, fresh_trials=trials, ray_trials=trials,
                    floor_trials=trials, heavy_trials=trials, heavy_fresh_trials=trials,
-                   warm_rounds=trials, burst_trials=trials)
+                   warm_rounds=trials, burst_trials=trials, model_trials=trials,
+                   model_fresh_trials=trials, weight_load_trials=trials)
 
 
 def free_port() -> int:
@@ -120,13 +127,16 @@ class ColdbrewServer:
     """A `coldbrew serve` subprocess on a free port, with a temporary state dir."""
 
     def __init__(self, work_dir: Path, limit_mode: str | None,
-                 memory_budget_mb: int | None = None) -> None:
+                 memory_budget_mb: int | None = None, store_uri: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.state_dir = work_dir / f"state-{self.port}"
         self.log_path = work_dir / f"server-{self.port}.log"
         self.limit_mode = limit_mode
         self.memory_budget_mb = memory_budget_mb
+        self.store_uri = store_uri
+        self.env = env or {}  # added to this process's environment
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -136,14 +146,27 @@ class ColdbrewServer:
             command += ["--limit-mode", self.limit_mode]
         if self.memory_budget_mb is not None:
             command += ["--memory-budget-mb", str(self.memory_budget_mb)]
+        if self.store_uri is not None:
+            command += ["--store", self.store_uri]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL,
+                                            env={**os.environ, **self.env})
         wait_healthy(f"{self.url}/healthz", self.process, self.log_path)
 
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process)
+
+    def zygotes(self) -> list[psutil.Process]:
+        """Return this server's zygote processes."""
+        assert self.process is not None, "server not started"
+        found = []
+        for child in psutil.Process(self.process.pid).children():
+            with contextlib.suppress(psutil.Error):
+                if "coldbrew.sandbox.zygote" in child.cmdline():
+                    found.append(child)
+        return found
 
     def zygote_pss_mb(self, instance_pids: set[int]) -> float:
         """Return the summed PSS in MB of this server's zygotes and their standby children.
@@ -151,25 +174,23 @@ class ColdbrewServer:
         A zygote's children that are not in `instance_pids` are standbys it forked ahead
         of requests, so they count as the zygote's cost, not as instances.
         """
-        assert self.process is not None, "server not started"
         total = 0.0
-        for child in psutil.Process(self.process.pid).children():
+        for zygote in self.zygotes():
             with contextlib.suppress(psutil.Error):
-                if "coldbrew.sandbox.zygote" not in child.cmdline():
-                    continue
-                total += child.memory_full_info().pss / 2**20
-                for standby in child.children():
+                total += zygote.memory_full_info().pss / 2**20
+                for standby in zygote.children():
                     if standby.pid not in instance_pids:
                         total += standby.memory_full_info().pss / 2**20
         return total
 
 
 @contextlib.contextmanager
-def running_server(limit_mode: str | None, memory_budget_mb: int | None = None
+def running_server(limit_mode: str | None, memory_budget_mb: int | None = None,
+                   store_uri: str | None = None, env: dict[str, str] | None = None
                    ) -> Iterator[tuple[ColdbrewServer, Client]]:
     """Start a coldbrew server in a temporary folder; stop it and remove the folder on exit."""
     with tempfile.TemporaryDirectory(prefix="coldbrew-bench-") as work_dir:
-        server = ColdbrewServer(Path(work_dir), limit_mode, memory_budget_mb)
+        server = ColdbrewServer(Path(work_dir), limit_mode, memory_budget_mb, store_uri, env)
         try:
             server.start()
             with Client(server.url, timeout_s=300.0) as client:

