@@ -80,8 +80,8 @@ def test_digits_rejects_malformed_event(client: Client, event: Any, message: str
     assert accepted.instance_id == rejected.instance_id
 
 
-# The demo took about 80 s with 2 cold rounds on a busy 2-core VM; most of it is torch
-# imports in the fresh interpreters and the zygotes.
+# With 2 cold rounds the demo took 55 s on a 2-core VM, and 140 s while other jobs kept
+# its load average near 15. Most of it is torch imports in fresh interpreters and zygotes.
 @pytest.mark.timeout(300)
 def test_demo_runs_end_to_end() -> None:
     completed = subprocess.run(
