@@ -7,8 +7,5 @@ cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-# The demo sends embeddings requests with the official openai client, which the
-# examples extra does not include.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[examples]' \
-    'openai==3.60.0'
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[examples]'
 exec .venv/bin/python -m coldbrew.demo "$@"

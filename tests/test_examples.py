@@ -11,7 +11,8 @@ from typing import Any, Iterator
 import psutil
 import pytest
 
-from coldbrew.demo import DIGITS_APP, DIGITS_MODEL, example_specs, load_held_out, running_gateway
+from coldbrew.demo.common import DIGITS_APP, DIGITS_MODEL, example_specs, running_gateway
+from coldbrew.demo.digits import load_held_out
 from coldbrew.sdk.client import Client
 
 REPO = Path(__file__).resolve().parent.parent
