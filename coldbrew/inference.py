@@ -21,8 +21,12 @@ class InvalidInput(ValueError):
 
     error_type = "InvalidInput"
 
+    def __init__(self, message: str, param: str = "input") -> None:
+        super().__init__(message)
+        self.param = param
+
     def details(self) -> dict[str, Any]:
-        return {"param": "input"}
+        return {"param": self.param}
 
 
 class ContextLengthExceeded(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keyword
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -142,8 +143,9 @@ def _integer(data: dict[str, Any], key: str, default: int, bounds: tuple[int, in
 
 def _number(data: dict[str, Any], key: str, default: float, bounds: tuple[float, float]) -> float:
     value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidSpec(f"spec field '{key}' must be a number, got {value!r}", field=key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidSpec(f"spec field '{key}' must be a finite number, got {value!r}",
+                          field=key)
     _check_range(key, value, bounds)
     return float(value)
 

@@ -75,6 +75,10 @@ def test_list_instances_logs_and_remove(shared_server: Server, tmp_path: Path) -
     logs = run_cli(shared_server, "logs", "plain-fn")
     assert "cold status 200" in logs.stdout
 
+    again = run_cli(shared_server, "deploy", str(folder / "handler.py"), "--handler", "main",
+                    "--name", "plain-fn", "--memory", "64", "--env", "A=1")
+    assert "plain-fn is unchanged: version 1 keeps serving" in again.stdout
+
     removed = run_cli(shared_server, "rm", "plain-fn")
     assert removed.returncode == 0
     assert "plain-fn" not in run_cli(shared_server, "ls").stdout
@@ -83,7 +87,20 @@ def test_list_instances_logs_and_remove(shared_server: Server, tmp_path: Path) -
 def test_errors_are_one_line_and_nonzero(shared_server: Server, tmp_path: Path) -> None:
     missing = run_cli(shared_server, "invoke", "does-not-exist")
     assert missing.returncode == 1
-    assert "FunctionNotFound" in missing.stdout + missing.stderr
+    assert missing.stdout == ""
+    assert missing.stderr.count("\n") == 1
+    assert "FunctionNotFound" in missing.stderr
+
+    folder = write_code(tmp_path / "named", {"handler.py": PLAIN_HANDLER})
+    typed = run_cli(shared_server, "deploy", str(folder / "handler.py"), "--handler", "main",
+                    "--name", "MyFunc")
+    assert typed.returncode == 1
+    assert "'MyFunc'" in typed.stderr
+
+    infinite = run_cli(shared_server, "deploy", str(folder / "handler.py"), "--handler", "main",
+                       "--timeout", "inf")
+    assert infinite.returncode == 2
+    assert "finite" in infinite.stderr
 
     bad_json = run_cli(shared_server, "invoke", "x", "--data", "{oops")
     assert bad_json.returncode == 1

@@ -118,6 +118,14 @@ def test_name_mismatch_rejected(shared_server: Server) -> None:
     assert error["field"] == "name"
 
 
+def test_nan_timeout_rejected(shared_server: Server) -> None:
+    response = httpx.put(f"{shared_server.url}/v1/functions/nan", timeout=30,
+                         content=b'{"spec": {"handler": "app.handler", "timeout_s": NaN}, "code": ""}',
+                         headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "timeout_s"
+
+
 @pytest.mark.parametrize("body", [b"[]", b"{}", b'{"spec": {}, "code": 5}'])
 def test_malformed_deploy_body_rejected(shared_server: Server, body: bytes) -> None:
     response = httpx.put(f"{shared_server.url}/v1/functions/shape", content=body,

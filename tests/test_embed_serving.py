@@ -122,6 +122,7 @@ def test_malformed_request_is_400(server: Server) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         client_for(server).embeddings.create(model=MODEL, input="hello", dimensions=12)
     assert "dimensions" in raised.value.body["message"]
+    assert raised.value.body["param"] == "dimensions"
 
 
 def test_many_forks_serve_without_hanging(server: Server, reference: np.ndarray) -> None:

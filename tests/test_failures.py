@@ -37,6 +37,8 @@ FAULTY = {"app.py": """
             os.kill(os.getpid(), event["signal"])
         if action == "not_json":
             return {1, 2}
+        if action == "nan":
+            return float("nan")
         return {"ok": True, "pid": os.getpid()}
 """}
 
@@ -79,8 +81,9 @@ def test_handler_exception_is_500(server: Server, client) -> None:
     assert_next_succeeds(server)
 
 
-def test_result_not_json_is_500(server: Server, client) -> None:
-    response = invoke(server, {"action": "not_json"})
+@pytest.mark.parametrize("action", ["not_json", "nan"])
+def test_result_not_json_is_500(server: Server, client, action: str) -> None:
+    response = invoke(server, {"action": action})
     assert response.status_code == 500
     assert "not JSON serializable" in response.json()["error"]["message"]
     assert_next_succeeds(server)

@@ -238,6 +238,7 @@ def test_embeddings_context_policies(shared_server: Server, deploy) -> None:
     ({"model": "fake-model-2", "input": []}, "input"),
     ({"model": "fake-model-2", "input": [1, 2]}, "input"),
     ({"model": "fake-model-2", "input": "x", "encoding_format": "hex"}, "encoding_format"),
+    ({"model": "fake-model-2", "input": "x", "context_policy": "truncate"}, "context_policy"),
 ])
 def test_embeddings_bad_requests(shared_server: Server, deploy, body: dict, param: str) -> None:
     deploy(shared_server.client(), {"name": "fake-embed-2", "handler": "app.embed",

@@ -33,6 +33,8 @@ def test_defaults_match_documentation() -> None:
     ({"max_instances": 0}, "max_instances", "outside the allowed range"),
     ({"min_instances": 5, "max_instances": 2}, "min_instances", "greater than max_instances"),
     ({"keep_alive_s": -5}, "keep_alive_s", "outside the allowed range"),
+    ({"timeout_s": float("nan")}, "timeout_s", "finite number"),
+    ({"keep_alive_s": float("inf")}, "keep_alive_s", "finite number"),
     ({"handler": ""}, "handler", "missing"),
     ({"handler": "nodots"}, "handler", "expected 'module.function'"),
     ({"handler": "app.class"}, "handler", "expected 'module.function'"),

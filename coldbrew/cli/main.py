@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -13,16 +14,29 @@ from coldbrew.cli import models
 from coldbrew.errors import ColdbrewError
 from coldbrew.sdk.client import Client, ClientError
 
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, got {text!r}")
+    return value
+
+
 SPEC_FLAGS = {
     "memory_mb": ("--memory", int, "memory cap per instance, in MB (default 256)"),
-    "timeout_s": ("--timeout", float, "time limit per request, in seconds (default 30)"),
+    "timeout_s": ("--timeout", finite_float, "time limit per request, in seconds (default 30)"),
     "min_instances": ("--min-instances", int, "instances kept warm at all times (default 0)"),
     "max_instances": ("--max-instances", int, "maximum concurrent instances (default 10)"),
-    "keep_alive_s": ("--keep-alive", float,
+    "keep_alive_s": ("--keep-alive", finite_float,
                      "idle seconds before an instance is stopped (default 600)"),
     "max_queue": ("--max-queue", int,
                   "requests that may wait when all instances are busy (default 100)"),
     "start_mode": ("--start-mode", str, "'zygote' (fork, the default) or 'fresh' (new interpreter)"),
+    "weights": ("--weights", str, "model pushed with 'coldbrew models push', by name"),
+    "preload_hook": ("--preload-hook", str,
+                     "'module.function' the zygote calls with the weights folder before forking"),
+    "model_name": ("--model-name", str, "model name served on POST /v1/embeddings"),
+    "context_policy": ("--context-policy", str,
+                       "'error' (default) or 'truncate' for inputs over the context window"),
 }
 
 
@@ -94,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ClientError, UsageError, ColdbrewError) as error:
         print(f"coldbrew {args.command}: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`coldbrew logs fn | head`): stop quietly, as cat does.
+        sys.stderr.close()
+        return 0
 
 
 def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
@@ -122,15 +140,20 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
         handler = args.handler
         if path.is_file() and "." not in handler:
             handler = f"{path.stem}.{handler}"
-        name = args.name or (path.stem if path.is_file() else path.resolve().name)
-        specs = [{"name": name.replace("_", "-").lower(), "handler": handler, **overrides}]
+        # A name given with --name is used as typed, so that a bad one is reported as such.
+        derived = path.stem if path.is_file() else path.resolve().name
+        name = args.name or derived.replace("_", "-").lower()
+        specs = [{"name": name, "handler": handler, **overrides}]
     if args.name and args.handler is None and len(specs) == 1:
         specs[0]["name"] = args.name
 
     for spec in specs:
         result = client.deploy(spec, code_dir)
-        print(f"deployed {result['name']} version {result['version']} "
-              f"(memory {result['spec']['memory_mb']} MB, start mode {result['spec']['start_mode']})")
+        if result.get("changed", True):
+            print(f"deployed {result['name']} version {result['version']} (memory "
+                  f"{result['spec']['memory_mb']} MB, start mode {result['spec']['start_mode']})")
+        else:
+            print(f"{result['name']} is unchanged: version {result['version']} keeps serving")
     return 0
 
 
@@ -159,14 +182,21 @@ def cmd_invoke(client: Client, args: argparse.Namespace) -> int:
             event = json.loads(args.data) if args.data is not None else {}
     except (OSError, json.JSONDecodeError) as error:
         raise UsageError(f"the event is not valid JSON: {error}") from None
-    response = client.invoke(args.name, event, raise_for_error=False)
+    response = client.invoke(args.name, event)
     print(json.dumps(response.body, indent=2))
     start = "cold" if response.cold_start else "warm"
     init = f", init {response.init_ms:.1f} ms" if response.init_ms is not None else ""
     duration = f"{response.duration_ms:.1f} ms" if response.duration_ms is not None else "n/a"
     print(f"[{start} start, handler {duration}{init}, round trip {response.latency_ms:.1f} ms, "
           f"request {response.request_id}]", file=sys.stderr)
-    return 0 if response.status < 400 else 1
+    return 0
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Piped output has no terminal width; rich would assume 80 columns and cut headers.
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def _table(*headers: str) -> Any:
@@ -180,8 +210,6 @@ def _table(*headers: str) -> Any:
 
 
 def cmd_ls(client: Client, _args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     table = _table("name", "version", "handler", "memory MB", "timeout s", "min", "max",
                    "start mode", "instances")
     for function in client.list_functions():
@@ -190,20 +218,18 @@ def cmd_ls(client: Client, _args: argparse.Namespace) -> int:
         table.add_row(function["name"], str(function["version"]), spec["handler"],
                       str(spec["memory_mb"]), str(spec["timeout_s"]), str(spec["min_instances"]),
                       str(spec["max_instances"]), spec["start_mode"], states)
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
 def cmd_instances(client: Client, args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     table = _table("id", "state", "pid", "version", "age s", "served", "RSS MB", "PSS MB")
     report = client.instance_report(args.name)
     for row in report["instances"]:
         table.add_row(row["id"], row["state"], str(row["pid"]), str(row["version"]),
                       f"{row['age_s']:.1f}", str(row["requests_served"]), str(row["rss_mb"]),
                       str(row["pss_mb"]))
-    console = Console()
+    console = _console()
     console.print(table)
     zygote = report["zygote"]
     if zygote is not None:

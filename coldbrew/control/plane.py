@@ -75,13 +75,15 @@ class ControlPlane:
         self._ticker = asyncio.create_task(self._tick_forever())
 
     async def restore(self, deployments: list[Deployment]) -> None:
-        """Re-deploy functions found in the state store at start-up."""
-        for deployment in deployments:
+        """Re-deploy functions found in the state store at start-up, concurrently."""
+        async def restore_one(deployment: Deployment) -> None:
             try:
                 await self.deploy(deployment)
             except ColdbrewError as error:
                 logger.error("function=%s version=%d could not be restored: %s",
                              deployment.name, deployment.version, error.message)
+
+        await asyncio.gather(*(restore_one(deployment) for deployment in deployments))
 
     async def stop(self) -> None:
         if self._ticker is not None:
@@ -247,7 +249,8 @@ class ControlPlane:
             pool.stop_instance(instance, graceful=False)
             result.error = Timeout(
                 f"function {name!r} timed out after {spec.timeout_s} s (timeout_s); the "
-                f"instance {instance.id} was killed", timeout_s=spec.timeout_s,
+                f"instance {instance.id} was killed. Deploy with a larger timeout_s if the "
+                "function needs more time", timeout_s=spec.timeout_s,
                 instance_id=instance.id)
         except InstanceLost as lost:
             pool.stop_instance(instance, graceful=False)
@@ -290,7 +293,8 @@ class ControlPlane:
             memory_mb = instance.memory_mb
             return OutOfMemory(
                 f"function {result.function!r} exceeded its memory cap of {memory_mb} MB "
-                f"(MemoryError under RLIMIT_AS); the instance {instance.id} was stopped",
+                f"(MemoryError under RLIMIT_AS); the instance {instance.id} was stopped. "
+                "Deploy with a larger memory_mb if the function needs more",
                 memory_mb=memory_mb, instance_id=instance.id,
                 traceback=error["traceback"])
         if error["type"] == "ContextLengthExceeded":
@@ -307,7 +311,8 @@ class ControlPlane:
         if lost.out_of_memory:
             return OutOfMemory(
                 f"function {name!r} exceeded its memory cap of {instance.memory_mb} MB; the "
-                f"kernel killed instance {instance.id}", memory_mb=instance.memory_mb,
+                f"kernel killed instance {instance.id}. Deploy with a larger memory_mb if the "
+                "function needs more", memory_mb=instance.memory_mb,
                 instance_id=instance.id)
         return InstanceCrashed(
             f"instance {instance.id} of function {name!r} {lost.status.describe()} while "

@@ -171,10 +171,14 @@ class FunctionPool:
             self._spawn(provisioned=True)
 
     def stop_expired(self, now: float) -> None:
-        """Stop idle instances past keep_alive_s, oldest first, keeping min_instances."""
+        """Stop idle instances past keep_alive_s, keeping min_instances.
+
+        On-demand instances go before provisioned ones, each group oldest first, so that
+        the instances kept for min_instances are the ones started for it.
+        """
         surplus = len(self._live()) - self.spec.min_instances
         idle = sorted((i for i in self.instances.values() if i.state == InstanceState.IDLE),
-                      key=lambda i: i.last_used)
+                      key=lambda i: (i.provisioned, i.last_used))
         for instance in idle:
             if surplus <= 0:
                 return

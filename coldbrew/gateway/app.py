@@ -28,7 +28,6 @@ from coldbrew.gateway import openai
 from coldbrew.gateway.weights import WeightsResolver
 from coldbrew.errors import (
     ColdbrewError,
-    FunctionNotFound,
     InvalidRequest,
     InvalidSpec,
     PayloadTooLarge,
@@ -121,7 +120,8 @@ class Gateway:
                 self.store.save_version(spec, code_hash, version)
         logger.info("function=%s version=%d code=%s deployed%s", name, version, code_hash[:12],
                     "" if changed else " (unchanged)")
-        return JSONResponse(self.plane.describe(name), status_code=201 if changed else 200)
+        return JSONResponse({**self.plane.describe(name), "changed": changed},
+                            status_code=201 if changed else 200)
 
     async def list_functions(self, _request: Request) -> Response:
         return JSONResponse({"functions": [self.plane.describe(name)
@@ -158,8 +158,7 @@ class Gateway:
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
             raise InvalidRequest(f"query parameter 'limit' must be an integer from 1 to 1000, "
                                  f"got {raw_limit!r}")
-        if name not in self.plane.pools:
-            raise FunctionNotFound(f"function {name!r} is not deployed", function=name)
+        self.plane.pool(name)  # FunctionNotFound, with the hint, for an unknown name
         return JSONResponse({"invocations": self.store.invocations(name, int(raw_limit))})
 
     # Invocation

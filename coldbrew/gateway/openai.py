@@ -88,6 +88,10 @@ def _validate(gateway: "Gateway", body: Any) -> "FunctionPool":
         raise ModelNotFound(f"model {model!r} is not served here; served models: "
                             f"{sorted(models_by_name(gateway))}", param="model",
                             code="model_not_found")
+    if "context_policy" in body:
+        raise InvalidRequest(f"'context_policy' is set by the function's spec "
+                             f"({pool.spec.context_policy!r} for model {model!r}), not per "
+                             "request; remove it from the request", param="context_policy")
     _validate_input(body.get("input"))
     encoding = body.get("encoding_format", "float")
     if encoding not in ENCODING_FORMATS:

@@ -55,11 +55,12 @@ class WeightsResolver:
                 store, name = self._locate(deployment.spec.weights or "")
                 try:
                     manifest = await asyncio.to_thread(store.manifest, name)
-                except ModelNotFound as error:
+                except ModelNotFound:
                     raise InvalidSpec(
                         f"weights {deployment.spec.weights!r} of function {deployment.name!r} "
-                        f"not found: {error.message}; push them with 'coldbrew models push "
-                        f"{name} PATH'", field="weights") from None
+                        f"are not in the server's object store {store.uri}; push them there "
+                        f"with 'coldbrew models push {name} PATH --store {store.uri}'",
+                        field="weights") from None
                 self._pinned[key] = (store, manifest)
             return self._pinned[key]
 

@@ -372,7 +372,7 @@ class LocalBackend(Backend):
         self.limits: LimitManager | None = None
         self.limit_mode = "unknown"
         self.zygotes: dict[tuple[str, ...], ZygoteHandle] = {}
-        self._zygote_lock = asyncio.Lock()
+        self._zygote_locks: dict[tuple[str, ...], asyncio.Lock] = {}
         self._instances: dict[str, LocalInstance] = {}
         self._fresh_processes: set[asyncio.subprocess.Process] = set()
 
@@ -408,7 +408,8 @@ class LocalBackend(Backend):
         preload = tuple(sorted(spec.preload))
         # Resolved before the lock: a first download must not hold up other zygotes.
         weights_path = await self._weights_path(deployment) if spec.preload_hook else None
-        async with self._zygote_lock:
+        # One lock per zygote: starting one (seconds, for torch) must not hold up others.
+        async with self._zygote_locks.setdefault(key, asyncio.Lock()):
             zygote = self.zygotes.get(key)
             if zygote is not None and zygote.alive:
                 return zygote
@@ -442,7 +443,9 @@ class LocalBackend(Backend):
         zygote = self.zygotes.get(self._zygote_key(deployment))
         if deployment.spec.start_mode != "zygote" or zygote is None or not zygote.alive:
             return None
-        return {"pid": zygote.pid, **process_memory(zygote.pid)}
+        memory = process_memory(zygote.pid)
+        return {"pid": zygote.pid, **{key: round(value, 2) if value is not None else None
+                                      for key, value in memory.items()}}
 
     async def _weights_path(self, deployment: Deployment) -> str | None:
         """Return the local folder of the deployment's weights, pulling them if needed."""

@@ -104,7 +104,9 @@ class Zygote:
         signal.set_wakeup_fd(self.wakeup_write)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, self._request_stop)
-        signal.signal(signal.SIGINT, self._request_stop)
+        # Ctrl-C in a terminal reaches the whole process group. The gateway stops its
+        # zygotes itself, in order, so the zygote must not die first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         selector = selectors.DefaultSelector()
         selector.register(self.control, selectors.EVENT_READ, "control")
         selector.register(self.wakeup_read, selectors.EVENT_READ, "signal")

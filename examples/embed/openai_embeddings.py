@@ -39,10 +39,11 @@ def parse_request(event: Any, dimensions: int) -> EmbeddingsRequest:
     """Validate an embeddings request for a model whose embeddings have `dimensions` values."""
     if not isinstance(event, dict):
         raise InvalidInput(f"the event must be a JSON object with an 'input' field, as in "
-                         f"OpenAI's embeddings request, got {_preview(event)}")
+                           f"OpenAI's embeddings request, got {_preview(event)}")
     unknown = sorted(set(event) - set(REQUEST_FIELDS))
     if unknown:
-        raise InvalidInput(f"unknown request fields {unknown}; expected only {list(REQUEST_FIELDS)}")
+        raise InvalidInput(f"unknown request fields {unknown}; expected only {list(REQUEST_FIELDS)}",
+                           param=unknown[0])
 
     _check_dimensions(event.get("dimensions"), dimensions)
     _optional_string(event, "user")
@@ -62,18 +63,18 @@ def _parse_inputs(value: Any) -> list[str]:
         return [value]
     if not isinstance(value, list) or not value:
         raise InvalidInput(f"'input' must be a string or a non-empty list of strings, got "
-                         f"{_preview(value)}")
+                           f"{_preview(value)}")
     if all(_is_int(item) for item in value):
         raise InvalidInput(f"'input' is a list of token ids {_preview(value)}; this function "
-                         "tokenizes text itself, so send the text as a string")
+                           "tokenizes text itself, so send the text as a string")
     if len(value) > MAX_INPUTS:
         raise InvalidInput(f"'input' has {len(value)} items, more than the maximum of {MAX_INPUTS} "
-                         "per request; split it into several requests")
+                           "per request; split it into several requests")
 
     for index, item in enumerate(value):
         if isinstance(item, list) and item and all(_is_int(token) for token in item):
             raise InvalidInput(f"'input[{index}]' is a list of token ids {_preview(item)}; this "
-                             "function tokenizes text itself, so send the text as a string")
+                               "function tokenizes text itself, so send the text as a string")
         _check_text(f"input[{index}]", item)
     return list(value)
 
@@ -83,7 +84,7 @@ def _check_text(name: str, value: Any) -> None:
         raise InvalidInput(f"'{name}' is {_preview(value)}; expected a non-empty string")
     if not value:
         raise InvalidInput(f"'{name}' is an empty string; OpenAI's API rejects empty inputs too, "
-                         "so leave it out of the request")
+                           "so leave it out of the request")
 
 
 def _is_int(value: Any) -> bool:
@@ -96,14 +97,14 @@ def _check_dimensions(value: Any, dimensions: int) -> None:
     if value is None or (_is_int(value) and value == dimensions):
         return
     raise InvalidInput(f"'dimensions' is {_preview(value)}, but this model returns "
-                     f"{dimensions}-dimensional embeddings and cannot shorten them; "
-                     f"omit 'dimensions' or set it to {dimensions}")
+                       f"{dimensions}-dimensional embeddings and cannot shorten them; "
+                       f"omit 'dimensions' or set it to {dimensions}", param="dimensions")
 
 
 def _optional_string(event: dict[str, Any], key: str) -> str | None:
     value = event.get(key)
     if value is not None and not isinstance(value, str):
-        raise InvalidInput(f"'{key}' is {_preview(value)}; expected a string")
+        raise InvalidInput(f"'{key}' is {_preview(value)}; expected a string", param=key)
     return value
 
 
@@ -112,7 +113,8 @@ def _choice(event: dict[str, Any], key: str, choices: tuple[str, ...], default: 
     if value is None:
         return default
     if value not in choices:
-        raise InvalidInput(f"'{key}' is {_preview(value)}; expected one of {list(choices)}")
+        raise InvalidInput(f"'{key}' is {_preview(value)}; expected one of {list(choices)}",
+                           param=key)
     return str(value)
 
 
