@@ -137,3 +137,28 @@ def test_many_forks_serve_without_hanging(server: Server, reference: np.ndarray)
     with ThreadPoolExecutor(8) as pool:
         similarities = list(pool.map(embed, range(16)))
     assert min(similarities) >= 0.9999
+
+
+def test_four_instances_cost_about_one_model(server: Server, tmp_path: Path) -> None:
+    from coldbrew.sdk.client import Client
+
+    client = Client(server.url)
+    spec = {"name": "embed-memory", "handler": "app.embed", "weights": MODEL,
+            "preload": ["torch", "transformers", "tokenizers", "numpy"],
+            "preload_hook": "app.load_model", "model_name": f"{MODEL}-memory",
+            "memory_mb": 512}
+    client.deploy(spec, REPO / "examples" / "embed")
+    embeddings = client_for(server).embeddings
+    batch = [f"{sentence} ({index})" for index in range(11) for sentence in SENTENCES]
+
+    embeddings.create(model=f"{MODEL}-memory", input=batch)
+    one = client.instance_report("embed-memory")
+    with ThreadPoolExecutor(4) as pool:
+        raw = list(pool.map(lambda _: embeddings.with_raw_response.create(
+            model=f"{MODEL}-memory", input=batch), range(4)))
+    instance_ids = {response.headers["x-coldbrew-instance-id"] for response in raw}
+    four = client.instance_report("embed-memory")
+    print(f"total PSS: 1 instance {one['total_pss_mb']} MB, {len(instance_ids)} instances "
+          f"{four['total_pss_mb']} MB; sum of RSS {four['total_rss_mb']} MB")
+    assert len(instance_ids) == 4
+    assert four["total_pss_mb"] < 1.5 * one["total_pss_mb"]
