@@ -17,7 +17,7 @@ Token = TypeVar("Token")
 
 
 class InvalidInput(ValueError):
-    """The request's input is malformed; the gateway answers 400 InvalidRequest, not 500."""
+    """A malformed request input, which the gateway returns as 400 InvalidRequest, not 500."""
 
     error_type = "InvalidInput"
 

@@ -1,8 +1,8 @@
 """The gateway's side of model weights: resolve a spec's `weights` to a folder in the node cache.
 
 Each function version is pinned to the manifest digest it saw when it was first
-prepared, so that pushing a new model under the same name changes nothing for versions
-already deployed: their zygote and new instances keep the same files.
+prepared. Pushing a new model under the same name therefore changes nothing for versions
+already deployed, whose zygote and new instances keep the same files.
 """
 
 from __future__ import annotations
