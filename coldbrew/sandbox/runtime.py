@@ -170,6 +170,8 @@ class OutputCapture:
             except (OSError, ValueError):
                 pass
         size = os.fstat(self.fd).st_size
+        if size == 0:
+            return ""  # the common case: nothing printed, nothing to read
         start = max(0, size - OUTPUT_LIMIT_BYTES)
         data = os.pread(self.fd, size - start, start)
         prefix = f"[... {start} earlier bytes dropped]\n" if start else ""
