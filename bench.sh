@@ -4,8 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+scripts/venv.sh bench
 exec .venv/bin/python -m bench "$@"
