@@ -24,6 +24,7 @@ from coldbrew.sdk.client import Client
 from bench.harness import (
     SHORT_KEEP_ALIVE_S,
     BenchmarkError,
+    check_cold_then_warm,
     Plan,
     deploy,
     drain,
@@ -68,12 +69,7 @@ def measure_trial(http: httpx.Client, client: Client, name: str, into: ColdWarm)
     time.sleep(SETTLE_S)
     cold_ms, cold = timed_invoke(http, name)
     warm_ms, warm = timed_invoke(http, name)
-    if cold.headers.get("x-coldbrew-cold-start") != "true":
-        raise BenchmarkError(f"{name}: the first request after the instances drained was not a "
-                             "cold start; is another client using this server?")
-    if warm.headers.get("x-coldbrew-cold-start") != "false":
-        raise BenchmarkError(f"{name}: the request right after a cold start was not warm; "
-                             "did the instance expire in between?")
+    check_cold_then_warm(name, cold.headers, warm.headers)
     into.cold.append(cold_ms)
     into.warm.append(warm_ms)
 

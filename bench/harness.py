@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,11 +16,12 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import httpx
 import psutil
 
+from coldbrew import servers
 from coldbrew.sdk.client import Client
 
 logger = logging.getLogger("bench")
@@ -97,30 +97,25 @@ def free_port() -> int:
 def wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path,
                  timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
     """Poll `url` until it returns HTTP 200; raise BenchmarkError if the process exits first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BenchmarkError(f"server {process.args!r} exited with code {process.returncode}; "
-                                 f"its log:\n{log_path.read_text(errors='replace')}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise BenchmarkError(f"{url} did not respond within {timeout_s:.0f} s; server log: "
-                         f"{log_path}")
+    try:
+        servers.wait_healthy(url, process, log_path, timeout_s)
+    except servers.ServerStartError as error:
+        raise BenchmarkError(str(error)) from None
+
+
+def check_cold_then_warm(name: str, cold: Mapping[str, str], warm: Mapping[str, str]) -> None:
+    """Raise BenchmarkError unless the gateway marked the two requests cold, then warm."""
+    if cold.get("x-coldbrew-cold-start") != "true":
+        raise BenchmarkError(f"{name}: the first request after the instances drained was not a "
+                             "cold start; is another client using this server?")
+    if warm.get("x-coldbrew-cold-start") != "false":
+        raise BenchmarkError(f"{name}: the request right after a cold start was not warm; "
+                             "did the instance expire in between?")
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
     """Send SIGTERM, wait for a graceful exit, then SIGKILL what is left."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            logger.warning("pid %d did not stop within %.0f s of SIGTERM; killing it",
-                           process.pid, SERVER_STOP_TIMEOUT_S)
-            process.kill()
-            process.wait()
+    servers.stop_process(process, SERVER_STOP_TIMEOUT_S)
 
 
 class ColdbrewServer:

@@ -40,6 +40,7 @@ from bench.harness import (
     SHORT_KEEP_ALIVE_S,
     BenchmarkError,
     ColdbrewServer,
+    check_cold_then_warm,
     Plan,
     drain,
     free_port,
@@ -106,11 +107,7 @@ def measure_cold(http: httpx.Client, model: str, cold: list[float], warm: list[f
     """Time the first embedding of a new instance, then a warm one on the same instance."""
     cold_ms, first = timed_embedding(http, model)
     warm_ms, second = timed_embedding(http, model)
-    if first.headers.get("x-coldbrew-cold-start") != "true":
-        raise BenchmarkError(f"{model}: the first request after the instances drained was not "
-                             "a cold start; is another client using this server?")
-    if second.headers.get("x-coldbrew-cold-start") != "false":
-        raise BenchmarkError(f"{model}: the request right after a cold start was not warm")
+    check_cold_then_warm(model, first.headers, second.headers)
     cold.append(cold_ms)
     warm.append(warm_ms)
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import httpx
-
+from coldbrew import servers
 from coldbrew.sdk.client import Client, InvokeResponse
 
 
@@ -101,33 +100,17 @@ def running_gateway(work_dir: Path, port: int | None = None, store_uri: str | No
 
 
 def _wait_healthy(gateway: Gateway, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise DemoError(f"the gateway exited with code {process.returncode} before it "
-                            f"became healthy: {_last_error_line(gateway.log_path)}")
-        try:
-            if httpx.get(f"{gateway.url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # the gateway is not listening yet
-        time.sleep(0.1)
-    raise DemoError(f"the gateway at {gateway.url} did not become healthy: GET /healthz "
-                    f"timed out after {HEALTH_TIMEOUT_S:.0f} s; see {gateway.log_path}")
+    try:
+        servers.wait_healthy(f"{gateway.url}/healthz", process, gateway.log_path,
+                             HEALTH_TIMEOUT_S)
+    except servers.ServerStartError as error:
+        raise DemoError(f"the gateway did not become healthy: {error}; last log line: "
+                        f"{_last_error_line(gateway.log_path)}") from None
 
 
 def stop_gateway(process: subprocess.Popen[bytes]) -> int:
     """Send SIGTERM and wait for the gateway's graceful shutdown; SIGKILL it if that hangs."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            print(f"the gateway (pid {process.pid}) did not stop within {STOP_TIMEOUT_S:.0f} s "
-                  "of SIGTERM; sending SIGKILL", file=sys.stderr)
-            process.kill()
-            process.wait()
-    return process.returncode
+    return servers.stop_process(process, STOP_TIMEOUT_S)
 
 
 def _last_error_line(path: Path) -> str:
