@@ -15,7 +15,7 @@ logger = logging.getLogger("coldbrew.servers")
 
 
 class ServerStartError(Exception):
-    """A server subprocess exited, or did not answer, before it became healthy."""
+    """A server subprocess exited, or did not respond, before it became healthy."""
 
 
 def wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path,
@@ -31,7 +31,7 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path,
             if httpx.get(url, timeout=1.0).status_code == 200:
                 return
         time.sleep(0.05)
-    raise ServerStartError(f"{url} did not answer HTTP 200 within {timeout_s:.0f} s; "
+    raise ServerStartError(f"{url} did not return HTTP 200 within {timeout_s:.0f} s; "
                            f"server log: {log_path}")
 
 
