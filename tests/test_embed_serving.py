@@ -126,7 +126,7 @@ def test_malformed_request_is_400(server: Server) -> None:
 
 
 def test_many_forks_serve_without_hanging(server: Server, reference: np.ndarray) -> None:
-    # Instances forked from a zygote that holds torch and the tokenizer: none may hang.
+    # Instances forked from a zygote that has loaded torch and the tokenizer: none may hang.
     client = client_for(server)
 
     def embed(index: int) -> float:

@@ -258,7 +258,7 @@ class FunctionPool:
         was_starting = instance.state == InstanceState.STARTING
         instance.state = InstanceState.STOPPING
         if was_starting and instance.process is None:
-            return  # _start sees STOPPING when the process is ready and stops it then
+            return  # _start finds STOPPING when the process is ready and stops it then
         self._run(self._stop(instance, graceful))
 
     async def _stop(self, instance: Instance, graceful: bool) -> None:

@@ -188,7 +188,7 @@ def error_info(error: BaseException, error_type: str) -> dict[str, Any]:
 
 
 class PreloadedState:
-    """What the spec's preload_hook built, once per process tree (zygote or fresh instance)."""
+    """The value the spec's preload_hook returned, built once per zygote or fresh instance."""
 
     value: Any = None
     done = False
@@ -225,7 +225,7 @@ def load_handler(setup: InstanceSetup, cap_after_preload: bool = False) -> Calla
 
 
 def serve(sock: socket.socket, setup: InstanceSetup, cap_after_preload: bool = False) -> NoReturn:
-    """Run the init phase, report it, then answer invocations until the socket closes."""
+    """Run the init phase, report it, then serve invocations until the socket closes."""
     capture = OutputCapture(setup.tmpdir)
     started = time.perf_counter()
     try:

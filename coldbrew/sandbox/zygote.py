@@ -157,9 +157,9 @@ class Zygote:
     def _prefork(self, standby_id: str, cgroup_procs: str | None, fd: int) -> None:
         """Fork a standby child now, so that a later cold start skips fork and cgroup entry.
 
-        `fd` is the standby's end of a socket whose other end the gateway keeps: the
+        `fd` is the standby's end of a socket whose other end the gateway keeps. The
         gateway later sends the instance setup on it directly, and it becomes the
-        instance's socket, so the zygote is not on the cold-start path at all.
+        instance's socket. So the zygote is not on the cold-start path at all.
         """
         pid = os.fork()
         if pid == 0:
