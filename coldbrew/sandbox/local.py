@@ -77,7 +77,9 @@ class ZygoteHandle:
         self._sender: socket.socket | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._forks: dict[str, asyncio.Future[int]] = {}
+        # Pending fork and prefork requests: the result is the pid and its exit future,
+        # handed over together because a quick child's exit report may follow at once.
+        self._forks: dict[str, asyncio.Future[tuple[int, asyncio.Future[ExitStatus]]]] = {}
         self._exits: dict[int, asyncio.Future[ExitStatus]] = {}
         self._read_task: asyncio.Task[None] | None = None
 
@@ -120,13 +122,14 @@ class ZygoteHandle:
                    instance_fd: int) -> tuple[int, asyncio.Future[ExitStatus]]:
         """Fork a new instance that serves on `instance_fd`."""
         message: dict[str, Any] = {"op": "fork", "setup": setup.__dict__}
-        pid = await self._request(setup.instance_id, message, instance_fd)
-        return pid, self._exits[pid]
+        return await self._request(setup.instance_id, message, instance_fd)
 
-    async def _request(self, key: str, message: dict[str, Any], fd: int | None) -> int:
+    async def _request(self, key: str, message: dict[str, Any],
+                       fd: int | None) -> tuple[int, asyncio.Future[ExitStatus]]:
         if not self.alive or self._sender is None:
             raise ZygoteFailed(f"zygote pid={self.pid} is not running")
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[int, asyncio.Future[ExitStatus]]] = (
+            asyncio.get_running_loop().create_future())
         self._forks[key] = future
         try:
             if fd is None:
@@ -157,9 +160,9 @@ class ZygoteHandle:
         limit = self.limits.create(standby_id, None)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            pid = await self._request(standby_id, {"op": "prefork", "standby_id": standby_id,
-                                                   "cgroup_procs": limit.procs_path},
-                                      theirs.fileno())
+            message = {"op": "prefork", "standby_id": standby_id,
+                       "cgroup_procs": limit.procs_path}
+            pid, exited = await self._request(standby_id, message, theirs.fileno())
         except (ZygoteFailed, OSError, TimeoutError) as error:
             logger.warning("zygote pid=%d could not pre-fork a standby: %s", self.pid, error)
             ours.close()
@@ -167,7 +170,7 @@ class ZygoteHandle:
             return
         finally:
             theirs.close()
-        self.standby = Standby(standby_id, pid, limit, self._exits[pid], ours)
+        self.standby = Standby(standby_id, pid, limit, exited, ours)
 
     async def _read_loop(self) -> None:
         assert self._reader is not None
@@ -183,14 +186,10 @@ class ZygoteHandle:
         op = message.get("op")
         if op == "forked":
             pid = message["pid"]
-            self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
+            exited = self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
             future = self._forks.get(message["instance_id"])
             if future is not None and not future.done():
-                future.set_result(pid)
-        elif op == "fork_failed":
-            future = self._forks.get(message["instance_id"])
-            if future is not None and not future.done():
-                future.set_exception(ZygoteFailed(message["reason"]))
+                future.set_result((pid, exited))
         elif op == "exited":
             status = ExitStatus(message.get("exit_code"), message.get("signal"))
             exit_future = self._exits.pop(message["pid"], None)
