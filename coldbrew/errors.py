@@ -10,7 +10,7 @@ from typing import Any
 
 
 class ColdbrewError(Exception):
-    """Base class: `error_type` and `status` are what the client sees."""
+    """Base class: `error_type` and `status` are what the client receives."""
 
     error_type = "InternalError"
     status = 500

@@ -1,7 +1,8 @@
 """SQLite state: deployed functions, their versions, and one row per invocation.
 
-Invocation rows are buffered in memory and written in batches (`flush`), so that the
-request path never waits for a disk write. Reads flush first, so they see every row.
+Invocation rows are buffered in memory and written in batches (`flush`) by the control
+plane's background task, so that an invocation never waits for a disk write. Reads
+flush first, so they return every row.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The request and response bodies of OpenAI's `POST /v1/embeddings`, as the handler uses them.
 
 The event is the OpenAI request body, to which the gateway adds `context_policy` from
-the function's spec. Every check raises InvalidInput (a ValueError, answered with HTTP 400)
+the function's spec. Every check raises InvalidInput (a ValueError, returned as HTTP 400)
 that quotes the invalid value.
 """
 
