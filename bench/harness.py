@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import httpx
 import psutil
 
 from coldbrew import servers
+from coldbrew.servers import free_port
 from coldbrew.sdk.client import Client
 
 logger = logging.getLogger("bench")
@@ -85,13 +85,6 @@ def make_plan(quick: bool, trials: int | None, limit_mode: str | None) -> Plan:
                    floor_trials=trials, heavy_trials=trials, heavy_fresh_trials=trials,
                    warm_rounds=trials, burst_trials=trials, model_trials=trials,
                    model_fresh_trials=trials, weight_load_trials=trials)
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path,

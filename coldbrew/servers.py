@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +13,13 @@ from pathlib import Path
 import httpx
 
 logger = logging.getLogger("coldbrew.servers")
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class ServerStartError(Exception):

@@ -152,13 +152,13 @@ def test_four_instances_cost_about_one_model(server: Server, tmp_path: Path) -> 
     batch = [f"{sentence} ({index})" for index in range(11) for sentence in SENTENCES]
 
     embeddings.create(model=f"{MODEL}-memory", input=batch)
-    one = client.instance_report("embed-memory")
+    one_instance = client.instance_report("embed-memory")
     with ThreadPoolExecutor(4) as pool:
         raw = list(pool.map(lambda _: embeddings.with_raw_response.create(
             model=f"{MODEL}-memory", input=batch), range(4)))
     instance_ids = {response.headers["x-coldbrew-instance-id"] for response in raw}
-    four = client.instance_report("embed-memory")
-    print(f"total PSS: 1 instance {one['total_pss_mb']} MB, {len(instance_ids)} instances "
-          f"{four['total_pss_mb']} MB; sum of RSS {four['total_rss_mb']} MB")
+    four_instances = client.instance_report("embed-memory")
+    print(f"total PSS: 1 instance {one_instance['total_pss_mb']} MB, {len(instance_ids)} instances "
+          f"{four_instances['total_pss_mb']} MB; sum of RSS {four_instances['total_rss_mb']} MB")
     assert len(instance_ids) == 4
-    assert four["total_pss_mb"] < 1.5 * one["total_pss_mb"]
+    assert four_instances["total_pss_mb"] < 1.5 * one_instance["total_pss_mb"]

@@ -99,8 +99,8 @@ def test_instances_share_one_copy(start_server, deploy, model_folder: Path) -> N
                     "preload": ["numpy"], "preload_hook": "app.load_model",
                     "max_instances": 4}, MODEL_CODE)
     client.invoke("shared-w")
-    one = client.instance_report("shared-w")
-    assert len(one["instances"]) == 1
+    one_instance = client.instance_report("shared-w")
+    assert len(one_instance["instances"]) == 1
 
     slow = {"app.py": MODEL_CODE["app.py"].replace(
         "model = context.preloaded", "import time; time.sleep(0.5); model = context.preloaded")}
@@ -110,12 +110,12 @@ def test_instances_share_one_copy(start_server, deploy, model_folder: Path) -> N
     with ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(lambda _: client.invoke("shared-w"), range(4)))
     assert len({r.instance_id for r in responses}) == 4
-    four = client.instance_report("shared-w")
-    assert len(four["instances"]) == 4
+    four_instances = client.instance_report("shared-w")
+    assert len(four_instances["instances"]) == 4
 
     # Every instance read all 48 MB, yet together they cost about one copy.
-    assert four["total_rss_mb"] > 4 * WEIGHTS_MB
-    assert four["total_pss_mb"] < 1.5 * one["total_pss_mb"]
+    assert four_instances["total_rss_mb"] > 4 * WEIGHTS_MB
+    assert four_instances["total_pss_mb"] < 1.5 * one_instance["total_pss_mb"]
 
 
 def test_missing_weights_rejected_at_deploy(start_server, deploy) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import gc
 import hashlib
 import json
-import logging
 import mmap
 import os
 import struct
@@ -18,14 +17,14 @@ import time
 import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file as reference_load_file
 from safetensors.numpy import save_file
 
-from conftest import REPO, aws_test_env, free_port, new_bucket
+from conftest import REPO, new_bucket
 from coldbrew.errors import (InvalidModel, InvalidTensorFile, ModelNotFound, ObjectStoreError,
                              WeightsCorrupted)
 from coldbrew.weights import tensors

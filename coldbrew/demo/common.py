@@ -6,7 +6,6 @@ import contextlib
 import ctypes
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from coldbrew import servers
+from coldbrew.servers import free_port
 from coldbrew.sdk.client import Client, InvokeResponse
 
 
@@ -57,13 +57,6 @@ class Gateway:
 
 
 # Gateway process
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _stop_with_parent() -> None:

@@ -371,11 +371,11 @@ def memory_summary(result: VariantResult) -> str | None:
     """Return one line on what each instance past the first adds to the total PSS."""
     if result.one_instance is None or result.burst is None:
         return None
-    one = result.one_instance["total_pss_mb"]
-    many = result.burst["total_pss_mb"]
+    one_mb = result.one_instance["total_pss_mb"]
+    many_mb = result.burst["total_pss_mb"]
     extra = len(result.burst["instances"]) - 1
-    return (f"{result.variant.label}: {many:.0f} MB for {extra + 1} instances, {one:.0f} MB "
-            f"for 1, so each added instance costs {(many - one) / extra:.0f} MB")
+    return (f"{result.variant.label}: {many_mb:.0f} MB for {extra + 1} instances, {one_mb:.0f} MB "
+            f"for 1, so each added instance costs {(many_mb - one_mb) / extra:.0f} MB")
 
 
 def run_embed_demo(console: Console, gateway: Gateway, client: Client,

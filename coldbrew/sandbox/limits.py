@@ -1,8 +1,8 @@
 """Kernel-enforced memory caps per instance: cgroup v2, cgroup v1 or RLIMIT_AS.
 
 The gateway process picks one mode at start-up. With a cgroup, the server creates one
-child group per instance and the instance moves itself into it before it runs user code;
-the kernel's OOM killer then kills it when it exceeds `memory_mb`, and the group's
+child group per instance, and the instance moves itself into it before it runs user
+code. The kernel's OOM killer then kills it when it exceeds `memory_mb`, and the group's
 `oom_kill` counter records the kill. Without a writable cgroup hierarchy the instance
 sets RLIMIT_AS on itself, so an allocation over the cap fails with MemoryError instead.
 """

@@ -373,7 +373,6 @@ class LocalBackend(Backend):
         self.zygotes: dict[tuple[str, ...], ZygoteHandle] = {}
         self._zygote_locks: dict[tuple[str, ...], asyncio.Lock] = {}
         self._instances: dict[str, LocalInstance] = {}
-        self._fresh_processes: set[asyncio.subprocess.Process] = set()
 
     async def start(self) -> None:
         shutil.rmtree(self.run_dir, ignore_errors=True)
